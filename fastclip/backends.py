@@ -1,0 +1,104 @@
+"""The one place that decides which implementation computes each operation.
+
+The model's blocks call ``self.ops.layer_norm(...)``, ``self.ops.attention(...)``,
+``self.ops.mlp(...)`` and ``self.ops.attention_pool2d(...)``; ``self.ops`` is a
+:class:`Backend`, set on every block by ``CLIP.set_backend``. The model never branches on
+backends itself.
+
+Backends:
+
+- ``reference``: OpenAI's math in plain PyTorch (``fastclip.reference``), what every kernel
+  is tested against.
+- ``torch``: the fastest path that needs no Triton: ``F.scaled_dot_product_attention`` and
+  PyTorch ops.
+- ``triton``: fused Triton kernels (``fastclip.kernels``); needs a CUDA device, or
+  ``TRITON_INTERPRET=1`` to run on CPU tensors for testing.
+- ``auto``: ``triton`` on a CUDA device when Triton imports, else ``torch``.
+
+The environment variable ``FASTCLIP_BACKEND`` has the same meaning as ``load(backend=...)``
+and is read when the argument is ``"auto"``.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+BACKEND_NAMES = ("auto", "triton", "torch", "reference")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    layer_norm: Callable
+    attention: Callable
+    mlp: Callable
+    attention_pool2d: Callable
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+
+def _sdpa_attention(qkv, heads, causal):
+    q, k, v = reference.split_heads(qkv, heads)
+    return reference.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+
+REFERENCE = Backend(
+    name="reference",
+    layer_norm=reference.layer_norm,
+    attention=reference.attention,
+    mlp=reference.mlp,
+    attention_pool2d=reference.attention_pool2d,
+)
+
+TORCH = Backend(
+    name="torch",
+    layer_norm=reference.layer_norm,
+    attention=_sdpa_attention,
+    mlp=reference.mlp,
+    attention_pool2d=reference.attention_pool2d,
+)
+
+
+def _triton_backend():
+    """Build the Triton backend, or raise a clear error saying why it cannot run here."""
+    raise RuntimeError(
+        "backend='triton' is not available in this build of fastclip: the Triton kernels are "
+        "not installed. Use backend='torch' or backend='reference'."
+    )
+
+
+def triton_available(device):
+    """Whether the Triton backend can run on ``device``."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        _triton_backend()
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def get_backend(name="auto", device="cpu"):
+    """Resolve a backend name (or ``"auto"``) for ``device`` into a :class:`Backend`."""
+    if isinstance(name, Backend):
+        return name
+    if name == "auto":
+        name = os.environ.get("FASTCLIP_BACKEND", "auto") or "auto"
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"Unknown backend {name!r} (from the argument or FASTCLIP_BACKEND); "
+            f"choose one of {', '.join(BACKEND_NAMES)}."
+        )
+    if name == "auto":
+        name = "triton" if triton_available(device) else "torch"
+    if name == "reference":
+        return REFERENCE
+    if name == "torch":
+        return TORCH
+    return _triton_backend()

@@ -1,0 +1,190 @@
+"""``load``, ``available_models`` and checkpoint reading: OpenAI's ``clip.load`` API.
+
+OpenAI's released checkpoints are TorchScript archives. fastclip reads only their weights
+and builds its own model; it never runs an archive's code. Plain state dicts are read with
+``torch.load(..., weights_only=True)``.
+"""
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+
+import torch
+from tqdm import tqdm
+
+from .model import build_model, convert_weights
+from .transform import Preprocess
+
+_MODELS = {
+    "RN50": "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": "https://openaipublic.azureedge.net/clip/models/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": "https://openaipublic.azureedge.net/clip/models/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16": "https://openaipublic.azureedge.net/clip/models/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64": "https://openaipublic.azureedge.net/clip/models/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+
+DEFAULT_ROOT = os.path.expanduser("~/.cache/clip")  # the cache OpenAI's package uses
+
+
+class ChecksumError(RuntimeError):
+    """A checkpoint's SHA256 is not the one published for it."""
+
+
+def available_models():
+    """The names of the models ``load`` can fetch."""
+    return list(_MODELS)
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(url, root):
+    """Fetch ``url`` into ``root`` (reusing a cached copy whose SHA256 matches) and return
+    the file's path. The expected SHA256 is the URL's second-to-last path part. The file is
+    written under a temporary name and renamed only once complete and verified, so a cut or
+    corrupt download never becomes the cached file."""
+    os.makedirs(root, exist_ok=True)
+    filename = os.path.basename(url)
+    expected = url.split("/")[-2]
+    target = os.path.join(root, filename)
+
+    if os.path.isfile(target):
+        if _sha256(target) == expected:
+            return target
+        warnings.warn(f"{target} exists but its SHA256 does not match {expected}; "
+                      "downloading it again.")
+
+    partial = f"{target}.{os.getpid()}.part"
+    try:
+        with urllib.request.urlopen(url) as source, open(partial, "wb") as output:
+            total = source.headers.get("Content-Length")
+            total = int(total) if total else None
+            received = 0
+            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024,
+                      desc=filename) as bar:
+                for chunk in iter(lambda: source.read(1 << 16), b""):
+                    output.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and received != total:
+            raise ConnectionError(f"the connection closed after {received} of {total} bytes")
+        actual = _sha256(partial)
+        if actual != expected:
+            raise ChecksumError(
+                f"The file downloaded from {url} has SHA256 {actual}, not the published "
+                f"{expected}; it was not saved. Try again, or load a verified local file "
+                "with fastclip.load(path).")
+        os.replace(partial, target)
+    except ChecksumError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise RuntimeError(
+            f"Could not download {url}: {error}. Without network access, download the file "
+            f"elsewhere and load it with fastclip.load('/path/to/{filename}'), or put it in "
+            f"{root}.") from error
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+def _is_torchscript_archive(path):
+    """TorchScript archives are zip files with a ``code/`` folder (plain ``torch.save``
+    files are zip files without one)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in f"/{name}" for name in archive.namelist())
+
+
+def _unwrap_state_dict(checkpoint, path):
+    """Accept plain state dicts and training checkpoints (``{"state_dict": ...}``,
+    ``module.`` prefixes from DistributedDataParallel)."""
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not all(
+            isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path} does not contain a state dict of tensors; fastclip.load "
+                         "expects an OpenAI CLIP archive or a CLIP state dict.")
+    if checkpoint and all(k.startswith("module.") for k in checkpoint):
+        checkpoint = {k[len("module."):]: v for k, v in checkpoint.items()}
+    return checkpoint
+
+
+def load_state_dict(path):
+    """The state dict stored at ``path``: an OpenAI TorchScript archive (only its weights are
+    read) or a ``torch.save``'d state dict, loaded with ``weights_only=True``."""
+    try:
+        if _is_torchscript_archive(path):
+            # Deserializing the archive compiles its TorchScript code but does not run it;
+            # only the parameters and buffers are taken.
+            archive = torch.jit.load(path, map_location="cpu")
+            return {k: v for k, v in archive.state_dict().items()}
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a file it cannot read
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {error}). "
+            "fastclip.load expects an OpenAI CLIP .pt archive or a state dict saved with "
+            "torch.save.") from error
+    return _unwrap_state_dict(checkpoint, path)
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(name, device=None, jit=False, download_root=None, dtype=None, backend="auto",
+         quick_gelu=True):
+    """Load a CLIP model: OpenAI's ``clip.load`` with fastclip's model.
+
+    Parameters
+    ----------
+    name : a name from ``available_models()`` or a path to a checkpoint (an OpenAI
+        TorchScript archive, or a state dict, including ``{"state_dict": ...}`` checkpoints).
+    device : where to put the model; CUDA when available, else the CPU.
+    jit : accepted for compatibility with OpenAI's API; fastclip always returns its own model.
+    download_root : where downloads are cached; ``~/.cache/clip`` by default.
+    dtype : the weights' dtype; fp16 on CUDA and fp32 on the CPU by default, as OpenAI's.
+        fp16 and bf16 use OpenAI's mixed layout (``convert_weights``): norms, embeddings and
+        ``logit_scale`` stay in fp32.
+    backend : ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see
+        ``fastclip.backends``).
+    quick_gelu : ``False`` builds the nn.GELU variant (LAION's open_clip checkpoints).
+
+    Returns ``(model, preprocess)``: the model in eval mode, and a callable turning a PIL
+    image into the model's input tensor.
+    """
+    if jit:
+        warnings.warn("fastclip.load(jit=True): fastclip runs its own model, not the "
+                      "TorchScript archive; returning that model.", stacklevel=2)
+    if name in _MODELS:
+        path = _download(_MODELS[name], download_root or DEFAULT_ROOT)
+    elif os.path.isfile(name):
+        path = name
+    else:
+        raise RuntimeError(
+            f"Model {name} not found; available models = {available_models()}, or pass the "
+            "path of a checkpoint file.")
+
+    model = build_model(load_state_dict(path), quick_gelu=quick_gelu)
+    device = torch.device(device if device is not None else default_device())
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model.float()
+    if dtype != torch.float32:
+        convert_weights(model, dtype)
+    model.to(device).eval()
+    model.set_backend(backend)
+    return model, Preprocess(model.visual.input_resolution)
