@@ -35,6 +35,7 @@ BACKEND_NAMES = ("auto", "triton", "torch", "reference")
 class Backend:
     name: str
     layer_norm: Callable
+    add_layer_norm: Callable
     attention: Callable
     mlp: Callable
     attention_pool2d: Callable
@@ -51,6 +52,7 @@ def _sdpa_attention(qkv, heads, causal):
 REFERENCE = Backend(
     name="reference",
     layer_norm=reference.layer_norm,
+    add_layer_norm=reference.add_layer_norm,
     attention=reference.attention,
     mlp=reference.mlp,
     attention_pool2d=reference.attention_pool2d,
@@ -59,17 +61,40 @@ REFERENCE = Backend(
 TORCH = Backend(
     name="torch",
     layer_norm=reference.layer_norm,
+    add_layer_norm=reference.add_layer_norm,
     attention=_sdpa_attention,
     mlp=reference.mlp,
     attention_pool2d=reference.attention_pool2d,
 )
 
 
-def _triton_backend():
-    """Build the Triton backend, or raise a clear error saying why it cannot run here."""
-    raise RuntimeError(
-        "backend='triton' is not available in this build of fastclip: the Triton kernels are "
-        "not installed. Use backend='torch' or backend='reference'."
+def _triton_backend(device=None):
+    """Build the Triton backend, or raise a clear error saying why it cannot run here.
+
+    The kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set
+    before fastclip's kernels were first imported (Triton's interpreter, for testing).
+    """
+    try:
+        from . import kernels
+    except ImportError as error:
+        raise RuntimeError(
+            f"backend='triton' needs the triton package, which did not import ({error}). "
+            "Install triton, or use backend='torch'.") from error
+    if device is not None:
+        kernels.check_backend_device(device)
+    try:
+        from .attention_pool import attention_pool2d
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.attention_pool":
+            raise
+        attention_pool2d = reference.attention_pool2d  # until the fused op is written
+    return Backend(
+        name="triton",
+        layer_norm=kernels.layer_norm,
+        add_layer_norm=kernels.add_layer_norm,
+        attention=kernels.attention,
+        mlp=kernels.mlp,
+        attention_pool2d=attention_pool2d,
     )
 
 
@@ -78,8 +103,8 @@ def triton_available(device):
     if torch.device(device).type != "cuda":
         return False
     try:
-        _triton_backend()
-    except (ImportError, RuntimeError):
+        _triton_backend(device)
+    except (ImportError, RuntimeError, ValueError):
         return False
     return True
 

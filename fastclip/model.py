@@ -125,6 +125,10 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def add_and_norm(self, x, residual):
+        """``(x + residual, self(x + residual))``, computed in one pass where a backend fuses it."""
+        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
 
 class QuickGELU(nn.Module):
     def forward(self, x):
@@ -176,8 +180,8 @@ class ResidualAttentionBlock(nn.Module):
         self.causal = causal
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x), self.causal)
-        return x + self.mlp(self.ln_2(x))
+        x, normed = self.ln_2.add_and_norm(x, self.attn(self.ln_1(x), self.causal))
+        return x + self.mlp(normed)
 
 
 class Transformer(nn.Module):

@@ -18,6 +18,13 @@ def layer_norm(x, weight, bias, eps):
     return F.layer_norm(x.float(), x.shape[-1:], weight, bias, eps).to(x.dtype)
 
 
+def add_layer_norm(x, residual, weight, bias, eps):
+    """``(x + residual, layer_norm(x + residual))``: a block's residual add and the LayerNorm
+    that follows it, which the fused kernels compute in one pass."""
+    total = x + residual
+    return total, layer_norm(total, weight, bias, eps)
+
+
 def quick_gelu(x):
     """The sigmoid approximation of GELU that OpenAI's models were trained with."""
     return x * torch.sigmoid(1.702 * x)
