@@ -1,0 +1,48 @@
+"""The ``fastclip`` command: ``fastclip embed``, ``fastclip classify``, ``fastclip search``.
+
+Each subcommand is a module with ``add_arguments(parser)`` and ``run(args)`` (returning the
+exit status); adding one is one line in ``SUBCOMMANDS``.
+"""
+
+import argparse
+import importlib
+import os
+import sys
+
+SUBCOMMANDS = {
+    "embed": ("fastclip.embed.command",
+              "embed images and texts into clip-retrieval's layout (img_emb, text_emb, "
+              "metadata)"),
+    "classify": ("fastclip.zero_shot", "zero-shot classify images among given labels"),
+    "search": ("fastclip.search", "top-k search of an embedding folder by a text or image"),
+}
+
+
+def build_parser():
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="fastclip", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fastclip {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, TimeoutError) as error:
+        # Errors about the user's inputs and options: the message says what to do, and a
+        # traceback would bury it. FASTCLIP_DEBUG=1 shows the traceback.
+        if os.environ.get("FASTCLIP_DEBUG"):
+            raise
+        print(f"fastclip {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

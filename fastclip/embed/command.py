@@ -1,0 +1,81 @@
+"""``fastclip embed``: the command-line front of :func:`fastclip.embed.embed`."""
+
+import sys
+
+from . import decode
+
+
+def add_arguments(parser):
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--images", nargs="+", default=[], metavar="SRC",
+                        help="image folders, .txt lists of paths, WebDataset .tar shards "
+                             "(globs and brace patterns such as 'shards/{00000..00099}.tar'), "
+                             "or .parquet/.csv tables with an image-path column")
+    inputs.add_argument("--texts", nargs="+", default=[], metavar="SRC",
+                        help=".txt files (one text per line) or .parquet/.csv tables; with "
+                             "--images, the i-th text is paired with the i-th image")
+    inputs.add_argument("--image-column", default="image_path",
+                        help="the image-path column of table inputs (default: image_path)")
+    inputs.add_argument("--text-column", default="caption",
+                        help="the text column of table inputs (default: caption)")
+    inputs.add_argument("--embed-captions", action="store_true",
+                        help="also embed the captions of image sources (a tar's caption key, "
+                             "a table's --text-column) into text_emb")
+    inputs.add_argument("--image-keys", default=";".join(decode.DEFAULT_IMAGE_KEYS),
+                        help="WebDataset image extensions, in order of preference "
+                             "(default: %(default)s)")
+    inputs.add_argument("--caption-key", default=decode.DEFAULT_CAPTION_KEY,
+                        help="WebDataset caption extension (default: %(default)s)")
+    inputs.add_argument("--limit", type=int, default=None,
+                        help="embed only the first N inputs (file and table sources)")
+    inputs.add_argument("--max-pixels", type=int, default=decode.DEFAULT_MAX_PIXELS,
+                        help="images with more pixels are recorded as decompression bombs "
+                             "(default: PIL's limit, %(default)s)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("-o", "--output", required=True, help="the output folder")
+    output.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+                        help="dtype of the stored embeddings (default: fp16)")
+    output.add_argument("--normalize", action="store_true", default=True,
+                        help="store unit-norm embeddings (the default)")
+    output.add_argument("--no-normalize", dest="normalize", action="store_false",
+                        help="store the raw embeddings")
+    output.add_argument("--shard-size", type=int, default=100_000,
+                        help="inputs per output shard of file and table sources; a tar "
+                             "shard always makes one output shard (default: 100000)")
+    output.add_argument("--resume", action="store_true",
+                        help="complete an interrupted job in the output folder")
+
+    run_options = parser.add_argument_group("model and hardware")
+    run_options.add_argument("--model", default="ViT-B/32",
+                             help="a model name, a checkpoint path, 'random:tiny' (a tiny "
+                                  "random model for smoke tests) or 'random:ViT-B/32' "
+                                  "(default: ViT-B/32)")
+    run_options.add_argument("--batch-size", type=int, default=256)
+    run_options.add_argument("--num-workers", type=int, default=None,
+                             help="decoding processes (default: the number of cores, at most 8)")
+    run_options.add_argument("--device", default=None,
+                             help="cuda, cuda:1 or cpu (default: CUDA when available; under "
+                                  "torchrun, cuda:LOCAL_RANK)")
+    run_options.add_argument("--backend", default="auto",
+                             choices=["auto", "triton", "torch", "reference"])
+    run_options.add_argument("--model-dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                             help="dtype of the weights (default: fp16 on CUDA, fp32 on CPU)")
+    run_options.add_argument("--no-progress", dest="progress", action="store_false",
+                             help="no progress bar")
+
+
+def run(args):
+    from .pipeline import embed, summary_line
+    summary = embed(
+        args.output, images=args.images, texts=args.texts, model=args.model,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        backend=args.backend, dtype=args.dtype, model_dtype=args.model_dtype,
+        normalize=args.normalize, shard_size=args.shard_size, resume=args.resume,
+        limit=args.limit, image_column=args.image_column, text_column=args.text_column,
+        embed_captions=args.embed_captions, image_keys=args.image_keys.split(";"),
+        caption_key=args.caption_key, max_pixels=args.max_pixels, progress=args.progress)
+    print(summary_line(summary), file=sys.stderr)
+    if summary["manifest"] is not None:
+        print(f"Wrote {args.output} (manifest.json, failures.jsonl)", file=sys.stderr)
+    return 0

@@ -1,0 +1,345 @@
+"""The embedding loop: DataLoader workers decode and preprocess, the model embeds, a
+background thread writes.
+
+- Decoding, preprocessing and tokenizing run in DataLoader worker processes. Each worker
+  takes whole chunks and yields batches of one chunk, so a chunk's rows stay in input order
+  and the writer knows when a chunk is complete (its ``last`` batch).
+- On CUDA, batches arrive in pinned memory and are copied to the device on a side stream
+  one batch ahead, so the copy of batch i+1 overlaps the compute of batch i; embeddings go
+  back with non-blocking copies that the writer thread waits for, so the main thread keeps
+  the device fed instead of waiting on a synchronizing copy.
+- Under ``torchrun`` (RANK and WORLD_SIZE set) each rank embeds every WORLD_SIZE-th chunk
+  (see ``sources.rank_chunks``); rank 0 writes the manifest once all ranks are done.
+"""
+
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from .. import __version__
+from ..tokenizer import tokenize
+from . import decode
+from .models import load_model
+from .sources import plan_job, rank_chunks
+from .writer import OutputFolder, ShardWriter, read_json, write_json
+
+OUTPUT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+MODEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class EmbedDataset(IterableDataset):
+    """Batches of preprocessed images and token ids, one chunk at a time, with the metadata
+    rows of the inputs that worked and the failures of those that did not."""
+
+    def __init__(self, chunks, preprocess, batch_size, embed_images, embed_texts,
+                 context_length=77, max_pixels=decode.DEFAULT_MAX_PIXELS,
+                 max_bytes=decode.DEFAULT_MAX_BYTES, image_keys=decode.DEFAULT_IMAGE_KEYS,
+                 caption_key=decode.DEFAULT_CAPTION_KEY):
+        self.chunks = chunks
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.embed_images = embed_images
+        self.embed_texts = embed_texts
+        self.context_length = context_length
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.image_keys = tuple(image_keys)
+        self.caption_key = caption_key
+
+    def __iter__(self):
+        worker = get_worker_info()
+        chunks = self.chunks if worker is None else self.chunks[worker.id::worker.num_workers]
+        for chunk in chunks:
+            yield from self._batches(chunk)
+
+    def _batches(self, chunk):
+        rows, images, failures, inputs = [], [], [], 0
+        for row, image, reason in self._samples(chunk):
+            inputs += 1
+            if reason is None:
+                rows.append(row)
+                images.append(image)
+            else:
+                failures.append({"key": row["key"], "reason": reason, "shard": chunk.index})
+            if len(rows) == self.batch_size:
+                yield self._batch(chunk, rows, images, failures, inputs, last=False)
+                rows, images, failures, inputs = [], [], [], 0
+        yield self._batch(chunk, rows, images, failures, inputs, last=True)
+
+    def _samples(self, chunk):
+        """``(row, image tensor, failure reason)`` for each input of ``chunk``."""
+        if chunk.tar_path is None:
+            for item in chunk.items:
+                yield self._sample(item.key, item.image_path, item.text,
+                                   lambda path=item.image_path: decode.read_file(path, self.max_bytes))
+            return
+        try:
+            for key, fields in decode.iter_webdataset(chunk.tar_path, self.max_bytes):
+                yield self._sample(f"{chunk.tar_path}:{key}", None,
+                                   decode.sample_caption(fields, self.caption_key),
+                                   lambda f=fields: decode.sample_image(f, self.image_keys))
+        except decode.InputError as error:
+            yield {"key": chunk.tar_path}, None, str(error)
+
+    def _sample(self, key, image_path, text, read_bytes):
+        row = {"key": key, "image_path": image_path, "caption": text}
+        try:
+            if self.embed_texts and text is None:
+                raise decode.InputError("no text (an empty cell, or no caption in the sample)")
+            image = None
+            if self.embed_images:
+                image = self.preprocess(decode.decode_image(read_bytes(), self.max_pixels))
+        except decode.InputError as error:
+            return row, None, str(error)
+        return row, image, None
+
+    def _batch(self, chunk, rows, images, failures, inputs, last):
+        has_rows = len(rows) > 0
+        texts = [row["caption"] for row in rows]
+        return {
+            "chunk": chunk.index, "last": last, "inputs": inputs, "rows": rows,
+            "failures": failures,
+            "images": torch.stack(images) if self.embed_images and has_rows else None,
+            # Texts longer than the context are cut (and end with end-of-text), as
+            # clip-retrieval does, rather than failing the whole row.
+            "tokens": (tokenize(texts, self.context_length, truncate=True)
+                       if self.embed_texts and has_rows else None),
+        }
+
+
+def _single_thread_worker(worker_id):
+    # Workers decode with PIL and preprocess small tensors; torch's intra-op threads would
+    # only compete with the model for cores.
+    torch.set_num_threads(1)
+
+
+def device_batches(loader, device):
+    """Iterate ``loader``'s batches with their tensors on ``device``. On CUDA the copy of
+    the next batch runs on a side stream while the current one computes."""
+    if device.type != "cuda":
+        yield from loader
+        return
+    copy_stream = torch.cuda.Stream(device)
+    pending = None
+    for batch in loader:
+        with torch.cuda.stream(copy_stream):
+            moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}
+            ready = torch.cuda.Event()
+            ready.record(copy_stream)
+        if pending is not None:
+            yield _wait_for_copy(*pending)
+        pending = moved, ready
+    if pending is not None:
+        yield _wait_for_copy(*pending)
+
+
+def _wait_for_copy(batch, ready):
+    compute_stream = torch.cuda.current_stream()
+    compute_stream.wait_event(ready)
+    for value in batch.values():
+        if torch.is_tensor(value):
+            # The tensor was allocated on the copy stream; tell the allocator it is used on
+            # the compute stream so its memory is not reused too early.
+            value.record_stream(compute_stream)
+    return batch
+
+
+def to_host(features, normalize, dtype):
+    """Embeddings as a host tensor of ``dtype`` (normalized in fp32 when asked) and the CUDA
+    event that marks the copy complete (None on the CPU)."""
+    features = features.float()
+    if normalize:
+        features = F.normalize(features, dim=-1)
+    features = features.to(dtype)
+    if features.device.type != "cuda":
+        return features, None
+    host = torch.empty(features.shape, dtype=dtype, pin_memory=True)
+    host.copy_(features, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+# ---------------------------------------------------------------------------------------
+# Ranks
+
+def distributed_rank():
+    """``(rank, world_size, created)`` from the launcher's environment (one process without
+    one); ``created`` says that this call started the process group."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and "MASTER_ADDR" in os.environ:
+        import torch.distributed as dist
+        if dist.is_available() and not dist.is_initialized():
+            # Only for barriers between ranks, so gloo (which needs no GPU) is enough.
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            return rank, world_size, True
+    return rank, world_size, False
+
+
+def barrier():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return True
+    return False
+
+
+def default_device():
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
+# ---------------------------------------------------------------------------------------
+# Output folder set-up and resume
+
+def prepare_output(folder, plan, job, resume, rank):
+    """Check the output folder and record the plan. Rank 0 decides; other ranks wait for its
+    plan (at a barrier when a process group exists, else by watching for the file)."""
+    if rank == 0:
+        _check_output(folder, plan, job, resume)
+        folder.make_folders(plan.embed_images, plan.embed_texts)
+        folder.remove_temporaries()
+        write_json(folder.plan_path, {"fingerprint": plan.fingerprint,
+                                      "chunks": len(plan.chunks), "job": job})
+    if not barrier() and rank != 0:
+        _wait_for_plan(folder, plan)
+
+
+def _check_output(folder, plan, job, resume):
+    if not os.path.exists(folder.plan_path):
+        if os.path.isdir(folder.root) and os.listdir(folder.root):
+            raise FileExistsError(
+                f"The output folder {folder.root} is not empty and holds no fastclip job; "
+                "choose a new or empty folder.")
+        return
+    if not resume:
+        raise FileExistsError(
+            f"The output folder {folder.root} already holds a job; pass --resume to complete "
+            "it, or choose a new folder.")
+    recorded = read_json(folder.plan_path)
+    if recorded["fingerprint"] != plan.fingerprint:
+        raise ValueError(
+            f"--resume: the inputs or --shard-size differ from those of the job in "
+            f"{folder.root}; resume with the same inputs and options, or use a new folder.")
+    for setting in ("model", "model_dtype", "dtype", "normalized", "backend"):
+        if recorded["job"].get(setting) != job[setting]:
+            raise ValueError(
+                f"--resume: the job in {folder.root} was run with {setting}="
+                f"{recorded['job'].get(setting)!r}, not {job[setting]!r}; resume with the "
+                "same setting so that every row is computed the same way.")
+
+
+def _wait_for_plan(folder, plan, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(folder.plan_path) and \
+                read_json(folder.plan_path)["fingerprint"] == plan.fingerprint:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"Rank 0 did not record the job in {folder.root} within {timeout} s.")
+
+
+# ---------------------------------------------------------------------------------------
+# The job
+
+def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_workers=None,
+          device=None, backend="auto", dtype="fp16", model_dtype=None, normalize=True,
+          shard_size=100_000, resume=False, limit=None, image_column="image_path",
+          text_column="caption", embed_captions=False, image_keys=decode.DEFAULT_IMAGE_KEYS,
+          caption_key=decode.DEFAULT_CAPTION_KEY, max_pixels=decode.DEFAULT_MAX_PIXELS,
+          progress=True):
+    """Embed images and/or texts into ``output`` in clip-retrieval's layout.
+
+    ``images`` and ``texts`` are lists of sources (see ``fastclip.embed.sources``); ``model``
+    is a name, a checkpoint path or ``random:tiny`` (see ``fastclip.embed.models``);
+    ``dtype`` is the stored embeddings' dtype (``fp16`` or ``fp32``); ``model_dtype`` the
+    weights' (fp16 on CUDA and fp32 on the CPU by default). Under a launcher that sets RANK
+    and WORLD_SIZE, each process embeds its share. Returns this process's summary: inputs,
+    rows, failures, seconds, items per second, and the manifest once the job is complete.
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype must be one of {list(OUTPUT_DTYPES)}, got {dtype!r}.")
+    if model_dtype is not None and model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"model_dtype must be one of {list(MODEL_DTYPES)}, "
+                         f"got {model_dtype!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    images, texts = list(images or ()), list(texts or ())
+    start = time.perf_counter()
+    rank, world_size, created_group = distributed_rank()
+    device = torch.device(device or default_device())
+    clip_model, preprocess = load_model(model, device, backend,
+                                        MODEL_DTYPES.get(model_dtype))
+    plan = plan_job(images, texts, shard_size=shard_size, image_column=image_column,
+                    text_column=text_column, embed_captions=embed_captions, limit=limit)
+    job = {
+        "model": os.path.abspath(model) if os.path.isfile(model) else model,
+        "backend": clip_model.backend, "model_dtype": str(clip_model.dtype).split(".")[-1],
+        "dtype": dtype, "normalized": bool(normalize),
+        "embed_dim": clip_model.text_projection.shape[1],
+        "images": images, "texts": texts, "shard_size": shard_size,
+        "fastclip_version": __version__,
+    }
+    folder = OutputFolder(output, plan.name_width)
+    prepare_output(folder, plan, job, resume, rank)
+
+    done = folder.done_indices()
+    chunks = [c for c in rank_chunks(plan.chunks, rank, world_size) if c.index not in done]
+    dataset = EmbedDataset(chunks, preprocess, batch_size, plan.embed_images, plan.embed_texts,
+                           clip_model.context_length, max_pixels=max_pixels,
+                           image_keys=image_keys, caption_key=caption_key)
+    if num_workers is None:
+        num_workers = min(len(os.sched_getaffinity(0)), 8)
+    num_workers = min(num_workers, len(chunks))
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                        pin_memory=device.type == "cuda",
+                        worker_init_fn=_single_thread_worker if num_workers else None,
+                        prefetch_factor=4 if num_workers else None)
+    known = [c.known_size for c in chunks]
+    bar = tqdm(total=None if None in known else sum(known), unit="item", dynamic_ncols=True,
+               disable=not progress or rank != 0, desc="embed")
+    counts = {"inputs": 0, "rows": 0, "failures": 0}
+    writer = ShardWriter(folder, plan.metadata_columns)
+    output_dtype = OUTPUT_DTYPES[dtype]
+    try:
+        with torch.inference_mode():
+            for batch in device_batches(loader, device):
+                result = {k: batch[k] for k in ("chunk", "last", "inputs", "rows", "failures")}
+                result["image"] = result["text"] = None
+                if batch["images"] is not None:
+                    result["image"] = to_host(clip_model.encode_image(batch["images"]),
+                                              normalize, output_dtype)
+                if batch["tokens"] is not None:
+                    result["text"] = to_host(clip_model.encode_text(batch["tokens"]),
+                                             normalize, output_dtype)
+                writer.submit(result)
+                counts["inputs"] += batch["inputs"]
+                counts["rows"] += len(batch["rows"])
+                counts["failures"] += len(batch["failures"])
+                bar.update(batch["inputs"])
+                bar.set_postfix(failures=counts["failures"], refresh=False)
+    finally:
+        writer.close()
+        bar.close()
+    barrier_held = barrier()
+    manifest = None
+    if rank == 0 or not barrier_held:
+        manifest = folder.finalize(job, len(plan.chunks))
+    if created_group:
+        torch.distributed.destroy_process_group()
+    seconds = time.perf_counter() - start
+    return {**counts, "seconds": seconds, "items_per_second": counts["inputs"] / seconds,
+            "rank": rank, "world_size": world_size, "manifest": manifest}
+
+
+def summary_line(summary):
+    """The one-line report printed at the end of ``fastclip embed``."""
+    prefix = f"rank {summary['rank']}: " if summary["world_size"] > 1 else ""
+    return (f"{prefix}{summary['inputs']} items, {summary['failures']} failures, "
+            f"{summary['items_per_second']:.1f} items/s, {summary['seconds']:.1f} s wall")
