@@ -1,0 +1,254 @@
+"""End-to-end tests of fastclip embed on generated data: every source kind, corrupt inputs,
+rows equal to the model's own encode_image / encode_text, resume, and the output read back
+with numpy and pyarrow."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import fastclip
+from embed_helpers import (assert_rows_equal, image_bytes, read_output, tiny_checkpoint,  # noqa: F401
+                           write_corrupt_files, write_images, write_tar_shard)
+from fastclip.embed import embed
+from fastclip.embed.writer import OutputFolder
+
+# Embeddings are unit vectors with entries around 0.1; fp32 rows of a batch differ from
+# rows computed one image at a time by ~1e-7, fp16 storage rounds at ~5e-4 relative.
+FP32_ATOL = 2e-5
+FP16_ATOL = 2e-4
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):  # noqa: F811
+    return fastclip.load(tiny_checkpoint, device="cpu")
+
+
+def image_rows(model, paths, keys=None, normalize=True):
+    """What the issue promises: ``model.encode_image(preprocess(image))``, one image at a
+    time, normalized when asked."""
+    clip_model, preprocess = model
+    rows = {}
+    with torch.inference_mode():
+        for key, path in zip(keys or paths, paths):
+            features = clip_model.encode_image(preprocess(Image.open(path))[None])[0].float()
+            rows[key] = (features / features.norm() if normalize else features).numpy()
+    return rows
+
+
+def text_rows(model, texts_by_key):
+    clip_model, _ = model
+    with torch.inference_mode():
+        tokens = fastclip.tokenize(list(texts_by_key.values()), truncate=True)
+        features = clip_model.encode_text(tokens).float()
+        features = features / features.norm(dim=-1, keepdim=True)
+    return dict(zip(texts_by_key, features.numpy()))
+
+
+def read_failures(folder):
+    with open(os.path.join(folder, "failures.jsonl")) as f:
+        return {record["key"]: record["reason"] for record in map(json.loads, f)}
+
+
+def run(output, checkpoint, **options):
+    options = {"batch_size": 2, "num_workers": 0, "shard_size": 3, "dtype": "fp32",
+               "progress": False, **options}
+    return embed(str(output), model=checkpoint, **options)
+
+
+def test_folder_rows_equal_encode_image_and_failures_are_recorded(tmp_path, model,
+                                                                   tiny_checkpoint):  # noqa: F811
+    paths = write_images(tmp_path / "images", 7)
+    corrupt = write_corrupt_files(tmp_path / "images" / "bad")
+    summary = run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "images")])
+
+    out = tmp_path / "out"
+    assert_rows_equal(read_output(out), image_rows(model, paths), FP32_ATOL)
+    failures = read_failures(out)
+    assert set(failures) == set(corrupt)
+    for path, reason in corrupt.items():
+        assert reason in failures[path], f"{path}: {failures[path]!r} lacks {reason!r}"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": 11, "rows": 7, "images": 7, "texts": 0,
+                                  "failures": 4, "shards": manifest["counts"]["shards"]}
+    assert (manifest["normalized"], manifest["dtype"], manifest["failures"]) == (True, "fp32", 4)
+    assert manifest["model"] == tiny_checkpoint and manifest["backend"] == "torch"
+    assert manifest["fastclip_version"] == fastclip.__version__
+    assert summary["manifest"] == manifest and summary["inputs"] == 11
+    # Shard 0 holds only the corrupt files ("bad" sorts first): no rows, so no files.
+    assert not (out / "metadata" / "metadata_0.parquet").exists()
+    metadata = pq.read_table(out / "metadata" / "metadata_1.parquet")
+    assert metadata.column_names == ["key", "image_path", "caption"]
+    assert not (out / "text_emb").exists()
+    assert not [name for _, _, names in os.walk(out) for name in names if ".tmp-" in name]
+
+
+def test_fp16_storage_and_unnormalized_rows(tmp_path, model, tiny_checkpoint):  # noqa: F811
+    paths = write_images(tmp_path / "images", 3)
+    run(tmp_path / "fp16", tiny_checkpoint, images=[str(tmp_path / "images")], dtype="fp16")
+    stored = read_output(tmp_path / "fp16")
+    assert {row.dtype for row in stored.values()} == {np.dtype(np.float16)}
+    assert_rows_equal(stored, image_rows(model, paths), FP16_ATOL, "fp16 rows")
+
+    run(tmp_path / "raw", tiny_checkpoint, images=[str(tmp_path / "images")], normalize=False)
+    assert_rows_equal(read_output(tmp_path / "raw"), image_rows(model, paths, normalize=False),
+                      FP32_ATOL, "unnormalized rows")
+    manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
+    assert manifest["normalized"] is False
+
+
+def test_worker_processes_give_the_same_rows_as_the_main_process(tmp_path, model,
+                                                                 tiny_checkpoint):  # noqa: F811
+    paths = write_images(tmp_path / "images", 8, nested=False)
+    listing = tmp_path / "images" / "list.txt"
+    listing.write_text("\n".join(os.path.basename(p) for p in paths) + "\n")
+    run(tmp_path / "out", tiny_checkpoint, images=[str(listing)], num_workers=2, shard_size=2)
+    assert_rows_equal(read_output(tmp_path / "out"), image_rows(model, paths), FP32_ATOL)
+
+
+def test_tar_shards_with_captions_and_a_truncated_shard(tmp_path, model,
+                                                        tiny_checkpoint):  # noqa: F811
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    expected_images, expected_texts, sample_paths = {}, {}, []
+    for shard in range(2):
+        samples = []
+        for i in range(3):
+            key = f"s{shard}/{i:04d}"
+            data = image_bytes(10 * shard + i, size=(50 + i, 45))
+            samples.append((key, {"jpg": data, "txt": f"caption {shard} {i}".encode()}))
+            full_key = f"{shards}/{shard:05d}.tar:{key}"
+            image_path = tmp_path / f"{shard}_{i}.jpg"
+            image_path.write_bytes(data)
+            expected_images[full_key] = image_path
+            expected_texts[full_key] = f"caption {shard} {i}"
+        samples.append((f"s{shard}/nojpg", {"txt": b"caption without image"}))
+        samples.append((f"s{shard}/bad", {"jpg": b"garbage", "txt": b"bad image"}))
+        write_tar_shard(shards / f"{shard:05d}.tar", samples)
+    # A third shard cut inside its second image: its first sample survives.
+    write_tar_shard(shards / "00002.tar", [("t/0", {"jpg": image_bytes(7), "txt": b"kept"}),
+                                           ("t/1", {"jpg": image_bytes(8), "txt": b"lost"})])
+    data = (shards / "00002.tar").read_bytes()
+    (shards / "00002.tar").write_bytes(data[:data.index(image_bytes(8)) + 50])
+    (tmp_path / "kept.jpg").write_bytes(image_bytes(7))
+    expected_images[f"{shards}/00002.tar:t/0"] = tmp_path / "kept.jpg"
+    expected_texts[f"{shards}/00002.tar:t/0"] = "kept"
+
+    run(tmp_path / "out", tiny_checkpoint, images=[str(shards / "{00000..00002}.tar")],
+        embed_captions=True, num_workers=2)
+    out = tmp_path / "out"
+    keys = list(expected_images)
+    assert_rows_equal(read_output(out), image_rows(model, [str(expected_images[k]) for k in keys],
+                                                   keys), FP32_ATOL, "image rows")
+    assert_rows_equal(read_output(out, "text_emb"), text_rows(model, expected_texts),
+                      FP32_ATOL, "caption rows")
+    failures = read_failures(out)
+    assert sorted(failures) == sorted([f"{shards}/0000{s}.tar:s{s}/{k}" for s in (0, 1)
+                                       for k in ("nojpg", "bad")] + [f"{shards}/00002.tar"])
+    assert "cut short" in failures[f"{shards}/00002.tar"]
+    captions = pq.read_table(out / "metadata" / "metadata_0.parquet").column("caption")
+    assert captions.to_pylist() == ["caption 0 0", "caption 0 1", "caption 0 2"]
+
+
+def test_parquet_and_csv_tables(tmp_path, model, tiny_checkpoint):  # noqa: F811
+    paths = write_images(tmp_path / "images", 4, nested=False)
+    pq.write_table(pa.table({"url": [os.path.relpath(p, tmp_path) for p in paths[:2]]}),
+                   tmp_path / "a.parquet")
+    pacsv.write_csv(pa.table({"url": [os.path.relpath(p, tmp_path) for p in paths[2:]]
+                              + ["images/missing.jpg"]}), tmp_path / "b.csv")
+    run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "a.parquet"),
+                                                   str(tmp_path / "b.csv")],
+        image_column="url")
+    keys = [f"{tmp_path}/a.parquet:0", f"{tmp_path}/a.parquet:1", f"{tmp_path}/b.csv:0",
+            f"{tmp_path}/b.csv:1"]
+    assert_rows_equal(read_output(tmp_path / "out"), image_rows(model, paths, keys), FP32_ATOL)
+    assert "FileNotFoundError" in read_failures(tmp_path / "out")[f"{tmp_path}/b.csv:2"]
+
+
+def test_texts_alone_and_paired_with_images(tmp_path, model, tiny_checkpoint):  # noqa: F811
+    lines = ["a photo of a cat", "", "a diagram " * 40, "ünïcödé text"]
+    (tmp_path / "texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pacsv.write_csv(pa.table({"caption": ["from csv"]}), tmp_path / "t.csv")
+    run(tmp_path / "texts", tiny_checkpoint, texts=[str(tmp_path / "texts.txt"),
+                                                    str(tmp_path / "t.csv")])
+    expected = {f"{tmp_path}/texts.txt:{n}": text for n, text in enumerate(lines, start=1)}
+    expected[f"{tmp_path}/t.csv:0"] = "from csv"
+    assert_rows_equal(read_output(tmp_path / "texts", "text_emb"), text_rows(model, expected),
+                      FP32_ATOL)
+    assert not (tmp_path / "texts" / "img_emb").exists()
+
+    paths = write_images(tmp_path / "images", 4)
+    run(tmp_path / "pairs", tiny_checkpoint, images=[str(tmp_path / "images")],
+        texts=[str(tmp_path / "texts.txt")])
+    pairs = dict(zip(paths, lines))
+    assert_rows_equal(read_output(tmp_path / "pairs"), image_rows(model, paths), FP32_ATOL)
+    assert_rows_equal(read_output(tmp_path / "pairs", "text_emb"), text_rows(model, pairs),
+                      FP32_ATOL)
+
+
+def test_limit_takes_the_first_inputs(tmp_path, tiny_checkpoint):  # noqa: F811
+    paths = write_images(tmp_path / "images", 5)
+    run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "images")], limit=2)
+    assert sorted(read_output(tmp_path / "out")) == paths[:2]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_completes_every_input_exactly_once(tmp_path, monkeypatch,
+                                                                 tiny_checkpoint):  # noqa: F811
+    write_images(tmp_path / "images", 10)
+    write_corrupt_files(tmp_path / "images" / "bad")
+    images = [str(tmp_path / "images")]
+    run(tmp_path / "whole", tiny_checkpoint, images=images, shard_size=2)
+
+    commit = OutputFolder.commit_chunk
+    commits = []
+
+    def commit_then_crash(self, index, *args):
+        if len(commits) == 3:
+            # Die between the embeddings and the done marker of this chunk, as a kill can.
+            np.save(self.path("img_emb", index), np.zeros((1, 64), np.float32))
+            open(self.path("img_emb", index) + ".tmp-12345", "wb").close()
+            raise Crash()
+        commits.append(index)
+        return commit(self, index, *args)
+
+    monkeypatch.setattr(OutputFolder, "commit_chunk", commit_then_crash)
+    with pytest.raises(RuntimeError, match="Writing to .* failed"):
+        run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=2)
+    monkeypatch.setattr(OutputFolder, "commit_chunk", commit)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=2)
+    with pytest.raises(ValueError, match="inputs or --shard-size differ"):
+        run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=3, resume=True)
+    with pytest.raises(ValueError, match="dtype='fp32', not 'fp16'"):
+        run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=2, resume=True,
+            dtype="fp16")
+
+    summary = run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=2, resume=True)
+    assert summary["inputs"] == 14 - 2 * len(commits)  # only the missing chunks are redone
+    assert_rows_equal(read_output(tmp_path / "out"), read_output(tmp_path / "whole"), 0.0)
+    assert read_failures(tmp_path / "out") == read_failures(tmp_path / "whole")
+    with open(tmp_path / "out" / "failures.jsonl") as f:
+        assert len(f.readlines()) == 4
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"] == \
+        json.loads((tmp_path / "whole" / "manifest.json").read_text())["counts"]
+    assert not [n for _, _, names in os.walk(tmp_path / "out") for n in names if ".tmp-" in n]
+
+
+def test_output_folder_with_other_files_is_refused(tmp_path, tiny_checkpoint):  # noqa: F811
+    write_images(tmp_path / "images", 1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty and holds no fastclip job"):
+        run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "images")])
