@@ -61,7 +61,10 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Causal: keys after this block's last query are all masked, so they are not visited.
-    end_n = tl.minimum(length, (block_m + 1) * BLOCK_M) if CAUSAL else length
+    if CAUSAL:
+        end_n = tl.minimum(length, (block_m + 1) * BLOCK_M)
+    else:
+        end_n = length
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[None, :] < length) & d_mask[:, None]

@@ -1,0 +1,49 @@
+"""CUDA graphs for small batches: the same answers as the plain model, on a GPU."""
+
+import pytest
+import torch
+
+from fastclip.cuda_graphs import (CUDAGraphed, captured_batch_size, disable_cuda_graphs,
+                                  enable_cuda_graphs)
+from fastclip.model import build_model_from_config
+
+from numerics import assert_close_relative
+
+
+def small_clip():
+    return build_model_from_config(
+        "ViT-B/32", embed_dim=64, image_resolution=64, vision_layers=2, vision_width=128,
+        transformer_layers=2, transformer_width=128, transformer_heads=2, vocab_size=1000,
+    ).eval()
+
+
+def test_batches_pad_to_the_smallest_captured_size():
+    sizes = (1, 2, 4, 8)
+    assert [captured_batch_size(n, sizes) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
+
+
+def test_refuses_a_model_off_cuda_and_bad_sizes():
+    with pytest.raises(ValueError, match="need the model on a CUDA device; it is on cpu"):
+        enable_cuda_graphs(small_clip())
+    with pytest.raises(ValueError, match="batch_sizes must be positive"):
+        CUDAGraphed(lambda x: x, "cuda", batch_sizes=(0, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_graphs_replay_the_model(backend):
+    model = small_clip().cuda().half().set_backend(backend)
+    images = torch.randn(40, 3, 64, 64, device="cuda")
+    texts = torch.randint(1, 998, (40, 77), device="cuda")
+    texts[:, 20] = 999
+    with torch.no_grad():
+        expected = model.encode_image(images), model.encode_text(texts)
+    enable_cuda_graphs(model, batch_sizes=(1, 4, 8))
+    first = model.encode_image(images[:3])
+    for batch in (1, 3, 8, 40):  # exact, padded, exact, beyond the largest graph
+        assert_close_relative(model.encode_image(images[:batch]), expected[0][:batch], 2e-3)
+        assert_close_relative(model.encode_text(texts[:batch]), expected[1][:batch], 2e-3)
+    assert_close_relative(first, expected[0][:3], 2e-3)  # not overwritten by later replays
+    assert len(model.encode_image.graphs) == 3
+    disable_cuda_graphs(model)
+    assert not isinstance(model.__dict__.get("encode_image"), CUDAGraphed)
