@@ -37,9 +37,24 @@ class ChecksumError(RuntimeError):
     """A checkpoint's SHA256 is not the one published for it."""
 
 
+# Models shipped inside the package (no download): name -> file in fastclip/pretrained/.
+_BUNDLED = {"fastclip-shapes-vit": "fastclip-shapes-vit.pt"}
+_PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+
+
 def available_models():
-    """The names of the models ``load`` can fetch."""
-    return list(_MODELS)
+    """The names of the models ``load`` can fetch, then those shipped with fastclip."""
+    return list(_MODELS) + list(_BUNDLED)
+
+
+def _bundled_path(name):
+    path = os.path.join(_PRETRAINED_DIR, _BUNDLED[name])
+    if not os.path.isfile(path):
+        raise RuntimeError(
+            f"The bundled model {name} should be at {path}, but that file is missing: this "
+            "installation of fastclip lacks its package data. Reinstall fastclip, or train "
+            "the model again with python -m fastclip.train (see the README).")
+    return path
 
 
 def _sha256(path):
@@ -130,8 +145,10 @@ def load_state_dict(path):
         if _is_torchscript_archive(path):
             # Deserializing the archive compiles its TorchScript code but does not run it;
             # only the parameters and buffers are taken.
-            archive = torch.jit.load(path, map_location="cpu")
-            return {k: v for k, v in archive.state_dict().items()}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+                archive = torch.jit.load(path, map_location="cpu")
+            return dict(archive.state_dict())
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file it cannot read
         raise ValueError(
@@ -171,6 +188,8 @@ def load(name, device=None, jit=False, download_root=None, dtype=None, backend="
                       "TorchScript archive; returning that model.", stacklevel=2)
     if name in _MODELS:
         path = _download(_MODELS[name], download_root or DEFAULT_ROOT)
+    elif name in _BUNDLED:
+        path = _bundled_path(name)
     elif os.path.isfile(name):
         path = name
     else:

@@ -1,0 +1,106 @@
+"""fastclip's tokenizer against open_clip's copy of OpenAI's tokenizer."""
+
+import random
+
+import pytest
+import torch
+
+import fastclip
+from fastclip.tokenizer import get_tokenizer
+
+open_clip = pytest.importorskip("open_clip")
+
+WORDS = ["a", "photo", "of", "the", "cat", "dog's", "they're", "we'll", "I'd", "CLIP",
+         "running", "unbelievable", "antidisestablishmentarianism", "x-ray", "e-mail",
+         "naïve", "café", "résumé", "über", "façade", "smörgåsbord", "Ελληνικά", "русский",
+         "日本語", "中文字符", "한국어", "ภาษาไทย", "עברית", "العربية", "हिन्दी",
+         "🙂", "🐈‍⬛", "👍🏽", "🇫🇷", "❤️",
+         "&amp;", "&lt;b&gt;", "&#39;", "&quot;quoted&quot;", "&amp;amp;", "&nbsp;", "&#x1F600;",
+         "Ã©", "â€™", "Ã¼ber", "cafÃ©", "â€œsmartâ€\x9d",
+         "1", "42", "3.14159", "2026-11-28", "$100", "100%", "#hashtag", "@user", "C++",
+         "...", "!!!", "?!", "---", "(parenthesis)", "[brackets]", "{braces}", "«guillemets»",
+         "ﬁ", "Ⅻ", "²", "½", "ＡＢＣ", "\u200bzero\u200bwidth", "e\u0301", "ǅ"]
+# OpenAI's special-token strings are left out: open_clip renamed them (<start_of_text>), so
+# the two tokenizers differ on them by design; test_special_tokens covers OpenAI's behaviour.
+SPACES = [" ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u2003", "\u3000", " \t \n "]
+
+
+def random_text(rng):
+    kind = rng.random()
+    length = rng.randint(0, 12) if kind < 0.9 else rng.randint(60, 200)
+    parts = []
+    for _ in range(length):
+        choice = rng.random()
+        if choice < 0.55:
+            parts.append(rng.choice(WORDS))
+        elif choice < 0.75:  # unseen words: random letters, sometimes accented or mixed case
+            alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZéüßøñç"
+            parts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14))))
+        elif choice < 0.85:
+            parts.append(chr(rng.randint(0x20, 0x2FFF)))  # any printable-ish code point
+        else:
+            parts.append("".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 4))))
+        parts.append(rng.choice(SPACES) if rng.random() < 0.3 else " ")
+    text = "".join(parts)
+    if rng.random() < 0.05:  # mojibake of the whole text
+        text = text.encode("utf-8").decode("latin-1")
+    return text
+
+
+@pytest.fixture(scope="module")
+def texts():
+    rng = random.Random(20261128)
+    return [random_text(rng) for _ in range(10_000)]
+
+
+def test_ids_match_open_clip(texts):
+    peer = open_clip.tokenizer._tokenizer
+    ours = get_tokenizer()
+    mismatches = [t for t in texts if ours.encode(t) != peer.encode(t)]
+    assert not mismatches, f"{len(mismatches)} texts differ, first: {mismatches[0]!r}"
+
+
+def test_tokenize_matches_open_clip_with_truncation(texts):
+    ours = fastclip.tokenize(texts, truncate=True)
+    peer = open_clip.tokenize(texts)  # open_clip always truncates
+    assert ours.dtype == torch.int32  # OpenAI's dtype
+    rows = (ours.long() != peer).any(dim=1).nonzero().flatten().tolist()
+    assert not rows, f"{len(rows)} rows differ, first text: {texts[rows[0]]!r}"
+
+
+def test_special_tokens():
+    """OpenAI's tokenizer maps the literal strings of its special tokens (any case) to them."""
+    tokenizer = get_tokenizer()
+    assert tokenizer.encode("<|startoftext|>a cat<|EndOfText|>") == [
+        tokenizer.sot_token, *tokenizer.encode("a cat"), tokenizer.eot_token]
+    assert (tokenizer.sot_token, tokenizer.eot_token) == (49406, 49407)
+
+
+def test_over_long_text_raises_without_truncate(texts):
+    long_text = " ".join(["word"] * 100)
+    with pytest.raises(RuntimeError, match="too long for context length 77"):
+        fastclip.tokenize(long_text)
+    truncated = fastclip.tokenize(long_text, truncate=True)[0]
+    assert truncated[-1].item() == get_tokenizer().eot_token
+    assert truncated[0].item() == get_tokenizer().sot_token
+
+
+def test_context_length_and_layout():
+    tokens = fastclip.tokenize(["a cat", "a dog on a mat"], context_length=10)
+    tokenizer = get_tokenizer()
+    assert tokens.shape == (2, 10)
+    assert tokens[0, :4].tolist() == [tokenizer.sot_token, *tokenizer.encode("a cat"),
+                                      tokenizer.eot_token]
+    assert tokens[0, 4:].eq(0).all()
+    assert tokens.argmax(dim=-1).tolist() == [3, 6]  # the end-of-text token has the largest id
+
+
+def test_decode_round_trips(texts):
+    tokenizer = get_tokenizer()
+    for text in texts[:2000]:
+        ids = tokenizer.encode(text)
+        decoded = tokenizer.decode(ids)
+        # Decoding gives the cleaned, lowercased words, each followed by a space.
+        assert tokenizer.encode(decoded) == ids, repr(text)
+    assert tokenizer.decode(tokenizer.encode("Hello,   World!")) == "hello , world ! "
+    assert tokenizer.decode(torch.tensor(tokenizer.encode("a cat"))) == "a cat "
