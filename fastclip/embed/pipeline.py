@@ -202,7 +202,9 @@ def prepare_output(folder, plan, job, resume, rank):
     """Check the output folder and record the plan. Rank 0 decides; other ranks wait for its
     plan (at a barrier when a process group exists, else by watching for the file)."""
     if rank == 0:
-        _check_output(folder, plan, job, resume)
+        check_output_is_free(folder, resume)
+        if resume and os.path.exists(folder.plan_path):
+            _check_same_job(folder, plan, job)
         folder.make_folders(plan.embed_images, plan.embed_texts)
         folder.remove_temporaries()
         write_json(folder.plan_path, {"fingerprint": plan.fingerprint,
@@ -211,17 +213,20 @@ def prepare_output(folder, plan, job, resume, rank):
         _wait_for_plan(folder, plan)
 
 
-def _check_output(folder, plan, job, resume):
+def check_output_is_free(folder, resume):
+    """The output folder must be new or empty, or hold a job that ``resume`` completes."""
     if not os.path.exists(folder.plan_path):
         if os.path.isdir(folder.root) and os.listdir(folder.root):
             raise FileExistsError(
                 f"The output folder {folder.root} is not empty and holds no fastclip job; "
                 "choose a new or empty folder.")
-        return
-    if not resume:
+    elif not resume:
         raise FileExistsError(
             f"The output folder {folder.root} already holds a job; pass --resume to complete "
             "it, or choose a new folder.")
+
+
+def _check_same_job(folder, plan, job):
     recorded = read_json(folder.plan_path)
     if recorded["fingerprint"] != plan.fingerprint:
         raise ValueError(
@@ -272,12 +277,16 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     images, texts = list(images or ()), list(texts or ())
     start = time.perf_counter()
+    # Inputs and the output folder are checked before the model is loaded (or downloaded).
+    plan = plan_job(images, texts, shard_size=shard_size, image_column=image_column,
+                    text_column=text_column, embed_captions=embed_captions, limit=limit)
     rank, world_size, created_group = distributed_rank()
+    folder = OutputFolder(output, plan.name_width)
+    if rank == 0:
+        check_output_is_free(folder, resume)
     device = torch.device(device or default_device())
     clip_model, preprocess = load_model(model, device, backend,
                                         MODEL_DTYPES.get(model_dtype))
-    plan = plan_job(images, texts, shard_size=shard_size, image_column=image_column,
-                    text_column=text_column, embed_captions=embed_captions, limit=limit)
     job = {
         "model": os.path.abspath(model) if os.path.isfile(model) else model,
         "backend": clip_model.backend, "model_dtype": str(clip_model.dtype).split(".")[-1],
@@ -286,7 +295,6 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
         "images": images, "texts": texts, "shard_size": shard_size,
         "fastclip_version": __version__,
     }
-    folder = OutputFolder(output, plan.name_width)
     prepare_output(folder, plan, job, resume, rank)
 
     done = folder.done_indices()
