@@ -50,6 +50,7 @@ def make_images(folder, count):
 
 def run_cli(images, output, model, workers, batch_size, extra=()):
     shutil.rmtree(output, ignore_errors=True)
+    load_before = os.getloadavg()[0]
     command = [sys.executable, "-m", "fastclip", "embed", "--images", images, "-o", output,
                "--model", model, "--num-workers", str(workers), "--batch-size",
                str(batch_size), "--no-progress", *extra]
@@ -63,7 +64,27 @@ def run_cli(images, output, model, workers, batch_size, extra=()):
     return {"model": model, "num_workers": workers, "batch_size": batch_size,
             "options": " ".join(extra), "items": int(summary.group(1)),
             "items_per_second": float(summary.group(3)), "embed_seconds": float(summary.group(4)),
-            "process_seconds": round(wall, 2)}
+            "process_seconds": round(wall, 2),
+            "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
+
+
+def model_only(count, batch_size=64):
+    """The compute ceiling under the same conditions: batched ``encode_image`` on ready
+    tensors, in-process, no decoding or writing."""
+    from fastclip.embed.models import load_model
+    model, _ = load_model("random:ViT-B/32", "cpu", "torch")
+    batch = torch.randn(batch_size, 3, 224, 224)
+    with torch.inference_mode():
+        model.encode_image(batch[:8])  # warm-up
+        start = time.perf_counter()
+        done = 0
+        while done < count:
+            model.encode_image(batch)
+            done += batch_size
+        seconds = time.perf_counter() - start
+    return {"model": "random:ViT-B/32", "loop": f"encode_image on ready batches of "
+            f"{batch_size}, in-process", "items": done,
+            "items_per_second": round(done / seconds, 2)}
 
 
 def single_image_loop(images_folder, count):
@@ -97,7 +118,10 @@ def machine():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--images", type=int, default=384,
+                        help="images generated, all embedded by the tiny model")
+    parser.add_argument("--vit-images", type=int, default=192,
+                        help="of which ViT-B/32 embeds the first N (--limit)")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results",
                                                          "embed_cpu"))
     args = parser.parse_args()
@@ -105,17 +129,19 @@ def main():
     images = os.path.join(work, "images")
     make_images(images, args.images)
     runs = []
+    vit = ("--limit", str(args.vit_images))
     for model, workers, extra in [("random:tiny", 0, ()), ("random:tiny", 1, ()),
                                   ("random:tiny", 2, ()),
-                                  ("random:ViT-B/32", 0, ()), ("random:ViT-B/32", 1, ()),
-                                  ("random:ViT-B/32", 2, ()),
-                                  ("random:ViT-B/32", 1, ("--model-dtype", "bf16"))]:
+                                  ("random:ViT-B/32", 0, vit), ("random:ViT-B/32", 1, vit),
+                                  ("random:ViT-B/32", 2, vit),
+                                  ("random:ViT-B/32", 1, vit + ("--model-dtype", "bf16"))]:
         runs.append(run_cli(images, os.path.join(work, "out"), model, workers, 64, extra))
         print(json.dumps(runs[-1]), flush=True)
-    baseline = single_image_loop(images, min(args.images, 128))
-    print(json.dumps(baseline), flush=True)
+    references = [model_only(args.vit_images), single_image_loop(images, args.vit_images // 2)]
+    for reference in references:
+        print(json.dumps(reference), flush=True)
     result = {"machine": machine(), "images": f"{args.images} JPEGs of 500x375",
-              "cli_runs": runs, "baseline": baseline}
+              "cli_runs": runs, "in_process": references}
     with open(args.output + ".json", "w") as f:
         json.dump(result, f, indent=2)
     with open(args.output + ".md", "w") as f:
@@ -135,17 +161,23 @@ def markdown(result):
         "items/s is the command's own summary: every input over the whole wall time of the "
         "job, model build included; process s adds Python and torch start-up.",
         "",
-        "| model | --num-workers | options | items | items/s | embed s | process s |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        "The load average (1 min, before and after) shows how much other work shared the "
+        "cores: compare runs with similar loads.",
+        "",
+        "| model | --num-workers | options | items | items/s | embed s | process s | load |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for run in result["cli_runs"]:
         lines.append(f"| {run['model']} | {run['num_workers']} | {run['options'] or '-'} | "
                      f"{run['items']} | {run['items_per_second']:.1f} | "
-                     f"{run['embed_seconds']:.1f} | {run['process_seconds']:.1f} |")
-    b = result["baseline"]
-    lines += ["", f"Baseline ({b['model']}, {b['loop']}, model built beforehand): "
-              f"{b['items_per_second']:.1f} images/s over {b['items']} images.", ""]
-    return "\n".join(lines)
+                     f"{run['embed_seconds']:.1f} | {run['process_seconds']:.1f} | "
+                     f"{run['load_average'][0]} -> {run['load_average'][1]} |")
+    lines += ["", "In-process references (model built beforehand, not timed):", ""]
+    for reference in result["in_process"]:
+        lines.append(f"- {reference['model']}, {reference['loop']}: "
+                     f"{reference['items_per_second']:.1f} images/s over "
+                     f"{reference['items']} images.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Safe reading of inputs: every bad input becomes an InputError with a reason."""
 
+import os
+
 import pytest
 
 from embed_helpers import corrupt_inputs, image_bytes, png_header_only, write_tar_shard
@@ -29,6 +31,9 @@ def test_pixel_limit_is_checked_before_decoding():
 def test_read_file_reports_missing_and_oversized_files(tmp_path):
     with pytest.raises(decode.InputError, match="unreadable: FileNotFoundError"):
         decode.read_file(str(tmp_path / "missing.jpg"))
+    os.mkfifo(tmp_path / "pipe.jpg")  # reading it would block forever
+    with pytest.raises(decode.InputError, match="not a regular file"):
+        decode.read_file(str(tmp_path / "pipe.jpg"))
     (tmp_path / "big.jpg").write_bytes(b"x" * 100)
     with pytest.raises(decode.InputError, match="larger than the 99-byte limit"):
         decode.read_file(str(tmp_path / "big.jpg"), max_bytes=99)

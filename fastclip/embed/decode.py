@@ -30,6 +30,9 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES):
     if path is None:
         raise InputError("no image path (an empty cell in the table)")
     try:
+        if not os.path.isfile(path) and os.path.exists(path):
+            # A folder, a FIFO or a device named like an image: reading it could block.
+            raise InputError("not a regular file")
         size = os.path.getsize(path)
         if size > max_bytes:
             raise InputError(f"file of {size} bytes is larger than the {max_bytes}-byte limit")
