@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import attention_pool, reference
 
 BACKEND_NAMES = ("auto", "triton", "torch", "reference")
 
@@ -64,7 +64,7 @@ TORCH = Backend(
     add_layer_norm=reference.add_layer_norm,
     attention=_sdpa_attention,
     mlp=reference.mlp,
-    attention_pool2d=reference.attention_pool2d,
+    attention_pool2d=attention_pool.attention_pool2d,
 )
 
 
