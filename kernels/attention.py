@@ -8,8 +8,6 @@ streams over the keys with an online softmax (running max and sum, in fp32), so 
 score matrix never reaches global memory.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -120,15 +118,24 @@ def _check(qkv, heads):
     return head_dim
 
 
-def _blocks(length, head_dim):
-    """(BLOCK_M, BLOCK_N, num_warps) chosen by shape; no autotuning, so the first call is
-    not slowed and launches can be captured in CUDA graphs. Short sequences (CLIP's 50 and
-    77 tokens) use 64-query blocks so fewer padded rows are computed."""
-    if length <= 64:
-        return 64, 32, 4
-    if head_dim >= 128:
-        return 64, 64, 8
-    return (128, 64, 8) if length >= 512 else (64, 64, 4)
+def launch_options(length, head_dim, dtype, causal):
+    """The kernel's compile-time parameters and launch options for one shape, chosen by shape
+    rather than autotuned, so the first call is not slowed and launches can be captured in
+    CUDA graphs. Short sequences (CLIP's 50 and 77 tokens) use 64-query blocks so fewer
+    padded rows are computed; fp32 tiles are smaller so they fit an A100's shared memory."""
+    if dtype == torch.float32:
+        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
+    elif length <= 64:
+        block_m, block_n, num_warps, num_stages = 64, 32, 4, 3
+    elif head_dim >= 128:
+        block_m, block_n, num_warps, num_stages = 64, 64, 8, 3
+    elif length >= 512:
+        block_m, block_n, num_warps, num_stages = 128, 64, 8, 3
+    else:
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 3
+    return dict(CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+                BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=dot_precision(dtype),
+                UPCAST_DOT=upcast_dot(dtype), num_warps=num_warps, num_stages=num_stages)
 
 
 @torch.library.custom_op("fastclip_triton::attention", mutates_args=())
@@ -139,17 +146,12 @@ def attention(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
         qkv = qkv.contiguous()
     n, length, three_width = qkv.shape
     out = torch.empty(n, length, three_width // 3, dtype=qkv.dtype, device=qkv.device)
-    block_m, block_n, num_warps = _blocks(length, head_dim)
+    options = launch_options(length, head_dim, qkv.dtype, causal)
     if n > 0:
-        grid = (triton.cdiv(length, block_m), n * heads)
+        grid = (triton.cdiv(length, options["BLOCK_M"]), n * heads)
         _attention_kernel[grid](
             qkv, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-            length, heads, head_dim ** -0.5 * LOG2_E,
-            CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_M=block_m, BLOCK_N=block_n,
-            DOT_PRECISION=dot_precision(qkv.dtype), UPCAST_DOT=upcast_dot(qkv.dtype),
-            num_warps=num_warps,
-        )
+            length, heads, head_dim ** -0.5 * LOG2_E, **options)
     return out
 
 

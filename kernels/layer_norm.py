@@ -54,6 +54,14 @@ def _layer_norm_kernel(
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
+def launch_options(width, has_residual, has_weight, has_bias):
+    """The kernel's compile-time parameters and launch options: one row per program, with
+    one warp per 256 columns (up to 8)."""
+    block = triton.next_power_of_2(width)
+    return dict(HAS_RESIDUAL=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+                BLOCK=block, num_warps=min(max(block // 256, 1), 8))
+
+
 def _check(op, x, residual, weight, bias):
     check_device(op, x, residual, weight, bias)
     check_dtype(op, "x", x)
@@ -81,7 +89,6 @@ def _launch(x, residual, weight, bias, eps):
     residual2 = rows(residual) if residual is not None else x2
     total = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if residual is not None else x2
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    block = triton.next_power_of_2(width)
     if x2.shape[0] > 0:
         _layer_norm_kernel[(x2.shape[0],)](
             x2, residual2, total, y,
@@ -89,10 +96,7 @@ def _launch(x, residual, weight, bias, eps):
             bias.contiguous() if bias is not None else x2,
             x2.stride(0), residual2.stride(0), total.stride(0), y.stride(0),
             width, eps,
-            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-            HAS_BIAS=bias is not None, BLOCK=block,
-            num_warps=min(max(block // 256, 1), 8),
-        )
+            **launch_options(width, residual is not None, weight is not None, bias is not None))
     total = total.view(x.shape) if residual is not None else None
     return total, y.view(x.shape)
 

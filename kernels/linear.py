@@ -109,14 +109,19 @@ def _check(x, weight, bias, activation, residual):
     return out_shape
 
 
-def _blocks(m, dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) chosen by shape; no autotuning, so
-    the first call is not slowed and launches can be captured in CUDA graphs. fp32 tiles
-    use a shorter K step to fit the same shared memory."""
+def launch_options(m, dtype, activation, has_bias, has_residual):
+    """The kernel's compile-time parameters and launch options for ``m`` rows, chosen by
+    shape rather than autotuned, so the first call is not slowed and launches can be
+    captured in CUDA graphs. fp32 tiles take a shorter K step to fit the shared memory."""
     block_k = 32 if dtype == torch.float32 else 64
     if m <= 64:
-        return 64, 64, block_k, 4, 4
-    return 128, 128, block_k, 8, 3
+        block_m, block_n, num_warps, num_stages = 64, 64, 4, 4
+    else:
+        block_m, block_n, num_warps, num_stages = 128, 128, 8, 3
+    return dict(ACTIVATION=activation, HAS_BIAS=has_bias, HAS_RESIDUAL=has_residual,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                DOT_PRECISION=dot_precision(dtype), UPCAST_DOT=upcast_dot(dtype),
+                num_warps=num_warps, num_stages=num_stages)
 
 
 @torch.library.custom_op("fastclip_triton::linear_act", mutates_args=())
@@ -129,19 +134,13 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     residual2 = rows(residual) if residual is not None else out
-    block_m, block_n, block_k, num_warps, num_stages = _blocks(m, x.dtype)
+    options = launch_options(m, x.dtype, activation, bias is not None, residual is not None)
     if m > 0 and n > 0:
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+        grid = (triton.cdiv(m, options["BLOCK_M"]) * triton.cdiv(n, options["BLOCK_N"]),)
         _linear_act_kernel[grid](
             x2, weight, bias if bias is not None else weight, residual2, out,
             m, n, k, x2.stride(0), weight.stride(0), weight.stride(1),
-            residual2.stride(0), out.stride(0),
-            ACTIVATION=activation, HAS_BIAS=bias is not None,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-            DOT_PRECISION=dot_precision(x.dtype), UPCAST_DOT=upcast_dot(x.dtype),
-            num_warps=num_warps, num_stages=num_stages,
-        )
+            residual2.stride(0), out.stride(0), **options)
     return out.view(out_shape)
 
 
