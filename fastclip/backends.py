@@ -82,19 +82,13 @@ def _triton_backend(device=None):
             "Install triton, or use backend='torch'.") from error
     if device is not None:
         kernels.check_backend_device(device)
-    try:
-        from .attention_pool import attention_pool2d
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.attention_pool":
-            raise
-        attention_pool2d = reference.attention_pool2d  # until the fused op is written
     return Backend(
         name="triton",
         layer_norm=kernels.layer_norm,
         add_layer_norm=kernels.add_layer_norm,
         attention=kernels.attention,
         mlp=kernels.mlp,
-        attention_pool2d=attention_pool2d,
+        attention_pool2d=attention_pool.attention_pool2d,
     )
 
 
