@@ -103,3 +103,20 @@ def test_block(benchmark, shape, implementation):
             module.ops = backend
     with torch.no_grad():
         run(benchmark, block, randn(batch, tokens, width))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graphs"])
+def test_small_batch_image_encoding(benchmark, batch, graphs):
+    """ViT-B/32's image tower (random weights, fp16, Triton backend) at small batches, where
+    launch overhead dominates: plain calls against CUDA graph replays."""
+    from fastclip.cuda_graphs import enable_cuda_graphs
+    from fastclip.model import build_model_from_config, convert_weights
+
+    model = convert_weights(build_model_from_config("ViT-B/32").cuda().eval(), DTYPE)
+    model.set_backend("triton")
+    if graphs:
+        enable_cuda_graphs(model, batch_sizes=(batch,))
+    images = randn(batch, 3, 224, 224)
+    with torch.no_grad():
+        run(benchmark, model.encode_image, images)

@@ -30,6 +30,9 @@ if not CUDA and not kernels.INTERPRETED:
                        "kernels cannot run on the CPU; run pytest with TRITON_INTERPRET=1.")
 
 DEVICE = "cuda" if CUDA else "cpu"
+# On a GPU every test here runs the compiled kernels, so `pytest -m gpu` selects them all;
+# on the CPU they run in the interpreter, unmarked.
+pytestmark = [pytest.mark.gpu] if CUDA else []
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The epsilon of the rule, relative to the output's magnitude: the rounding of one value.
 EPSILON = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
