@@ -39,8 +39,10 @@ def _attention_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    sequence_head = tl.program_id(1)
+    # (sequence, head) pairs on the first grid axis, whose limit is 2^31 - 1 rather than
+    # the 65535 of the others: a batch of 8192 sequences of 12 heads needs 98304.
+    sequence_head = tl.program_id(0)
+    block_m = tl.program_id(1)
     n = (sequence_head // heads).to(tl.int64)
     head = sequence_head % heads
     width = heads * HEAD_DIM
@@ -148,7 +150,7 @@ def attention(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
     out = torch.empty(n, length, three_width // 3, dtype=qkv.dtype, device=qkv.device)
     options = launch_options(length, head_dim, qkv.dtype, causal)
     if n > 0:
-        grid = (triton.cdiv(length, options["BLOCK_M"]), n * heads)
+        grid = (n * heads, triton.cdiv(length, options["BLOCK_M"]))
         _attention_kernel[grid](
             qkv, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
             length, heads, head_dim ** -0.5 * LOG2_E, **options)

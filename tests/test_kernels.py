@@ -318,3 +318,10 @@ def test_linear_and_layer_norm_full_size(dtype):
     assert_flash_rule(kernels.layer_norm(hidden, ln_w, ln_b, 1e-5),
                       reference.layer_norm(hidden.float(), ln_w, ln_b, 1e-5),
                       reference.layer_norm(hidden, ln_w, ln_b, 1e-5), "layer_norm")
+
+
+@pytest.mark.gpu
+def test_attention_batch_beyond_a_grid_axis_limit():
+    """6000 sequences x 12 heads = 72000 programs per query block, more than CUDA's 65535
+    limit on the second and third grid axes."""
+    check_attention(randn(6000, 7, 3 * 12 * 64, dtype=torch.float16), 12, causal=True)
