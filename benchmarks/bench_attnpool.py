@@ -5,6 +5,9 @@ On the CPU, with pytest-benchmark (each case is a group; compare the rows of a g
 
     pytest benchmarks/bench_attnpool.py --benchmark-json=benchmarks/results/attnpool_cpu.json
 
+``FASTCLIP_BENCH_THREADS=1`` times on one thread: on a shared machine that is the steadier
+measure (no thread waits at a barrier for a core another process holds).
+
 On a CUDA device, with CUDA events (the median of many calls, after warm-up):
 
     python benchmarks/bench_attnpool.py --gpu --json attnpool_gpu.json
@@ -60,6 +63,10 @@ def implementations():
 # keep OpenAI's formulation at RN50x64 (about 0.3 TFLOP per call at batch 8) within reach here.
 CPU_CASES = {"RN50-b1": ("RN50", 1), "RN50-b32": ("RN50", 32),
              "RN50x64-b1": ("RN50x64", 1), "RN50x64-b8": ("RN50x64", 8)}
+
+
+if os.environ.get("FASTCLIP_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["FASTCLIP_BENCH_THREADS"]))
 
 
 @functools.lru_cache(maxsize=1)

@@ -5,6 +5,9 @@ formulation (``fastclip.reference.attention_pool2d``): the compiled op ``fastcli
 import functools
 import glob
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -196,6 +199,41 @@ def test_built_extension_loads():
     assert attention_pool.extension_info()["cpu"]
 
 
+def test_fastclip_works_without_the_extension():
+    """With fastclip._C missing, fastclip imports, says so, and pools by the PyTorch algebra."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class HideExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "fastclip._C":
+                    raise ModuleNotFoundError("No module named 'fastclip._C'", name=name)
+
+        sys.meta_path.insert(0, HideExtension())
+        import torch, fastclip
+        from fastclip import attention_pool, reference
+        info = attention_pool.extension_info()
+        assert not info["built"] and "not built" in info["error"], info
+        assert not attention_pool.OP_DEVICES, attention_pool.OP_DEVICES
+        x, pos = torch.rand(2, 8, 3, 3), torch.randn(10, 8)
+        weights = [torch.randn(8, 8), torch.randn(8)] * 3 + [torch.randn(4, 8), torch.randn(4)]
+        got = attention_pool.attention_pool2d(x, pos, *weights, 2)
+        torch.testing.assert_close(got, reference.attention_pool2d(x, pos, *weights, 2))
+        print("fallback ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_pool_shapes_are_the_configs():
+    for name, (width, side, heads, output_dim) in SHAPES.items():
+        config = fastclip.CONFIGS[name]
+        assert (width, side, heads, output_dim) == (
+            config["vision_width"] * 32, config["image_resolution"] // 32,
+            config["vision_width"] * 32 // 64, config["embed_dim"]), name
+
+
 BAD_INPUTS = {
     "positional_embedding": lambda a: (a[0], a[1][:-1]) + a[2:],
     "heads": lambda a: a[:-1] + (5,),
@@ -206,14 +244,6 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("problem", BAD_INPUTS)
-def test_pool_shapes_are_the_configs():
-    for name, (width, side, heads, output_dim) in SHAPES.items():
-        config = fastclip.CONFIGS[name]
-        assert (width, side, heads, output_dim) == (
-            config["vision_width"] * 32, config["image_resolution"] // 32,
-            config["vision_width"] * 32 // 64, config["embed_dim"]), name
-
-
 def test_bad_inputs_raise_clear_errors(problem):
     args = BAD_INPUTS[problem](make_inputs(64, 3, 4, 32, batch=2))
     with pytest.raises(ValueError, match=problem):
