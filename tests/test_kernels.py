@@ -19,7 +19,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastclip import kernels, reference  # noqa: E402
-from fastclip.backends import get_backend  # noqa: E402
+from fastclip.backends import get_backend, triton_available  # noqa: E402
 from fastclip.model import ResidualAttentionBlock, build_model_from_config  # noqa: E402
 from fastclip.model import convert_weights  # noqa: E402
 
@@ -225,6 +225,8 @@ def test_layer_norm_refuses_bad_input():
 def test_backend_runs_only_where_the_kernels_can():
     backend = get_backend("triton", DEVICE)
     assert backend.name == "triton" and backend.attention is kernels.attention
+    # "auto" picks the kernels on CUDA only, never in the interpreter.
+    assert triton_available("cuda") == CUDA and not triton_available("cpu")
     with pytest.raises(ValueError, match="backend='triton'"):
         kernels.check_backend_device("cpu" if CUDA else "cuda")
     if CUDA:
