@@ -120,4 +120,4 @@ def get_backend(name="auto", device="cpu"):
         return REFERENCE
     if name == "torch":
         return TORCH
-    return _triton_backend()
+    return _triton_backend(device)

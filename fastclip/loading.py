@@ -15,6 +15,7 @@ import zipfile
 import torch
 from tqdm import tqdm
 
+from .cuda_graphs import enable_cuda_graphs
 from .model import build_model, convert_weights
 from .transform import Preprocess
 
@@ -163,7 +164,7 @@ def default_device():
 
 
 def load(name, device=None, jit=False, download_root=None, dtype=None, backend="auto",
-         quick_gelu=True):
+         quick_gelu=True, cuda_graphs=False):
     """Load a CLIP model: OpenAI's ``clip.load`` with fastclip's model.
 
     Parameters
@@ -179,6 +180,9 @@ def load(name, device=None, jit=False, download_root=None, dtype=None, backend="
     backend : ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see
         ``fastclip.backends``).
     quick_gelu : ``False`` builds the nn.GELU variant (LAION's open_clip checkpoints).
+    cuda_graphs : on CUDA, ``True`` (or a tuple of batch sizes) makes ``encode_image`` and
+        ``encode_text`` replay CUDA graphs for small batches (see ``fastclip.cuda_graphs``
+        for the static-shape rules).
 
     Returns ``(model, preprocess)``: the model in eval mode, and a callable turning a PIL
     image into the model's input tensor.
@@ -206,4 +210,7 @@ def load(name, device=None, jit=False, download_root=None, dtype=None, backend="
         convert_weights(model, dtype)
     model.to(device).eval()
     model.set_backend(backend)
+    if cuda_graphs:
+        sizes = {} if cuda_graphs is True else {"batch_sizes": tuple(cuda_graphs)}
+        enable_cuda_graphs(model, **sizes)
     return model, Preprocess(model.visual.input_resolution)
