@@ -20,6 +20,7 @@ from setuptools import setup
 
 SOURCES = ["csrc/attention_pool.cpp"]
 CUDA_SOURCES = ["csrc/attention_pool_cuda.cu"]
+HEADERS = ["csrc/attention_pool.h"]  # rebuild when it changes; ship it in source archives
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100 and H100/H200 natively, newer GPUs through PTX
 
 
@@ -48,7 +49,8 @@ def nvidia_include_dirs():
         import nvidia
     except ImportError:
         return []
-    return sorted(d for root in nvidia.__path__ for d in glob.glob(os.path.join(root, "*", "include")))
+    return sorted(folder for root in nvidia.__path__
+                  for folder in glob.glob(os.path.join(root, "*", "include")))
 
 
 def want_cuda(cuda_home, torch):
@@ -88,12 +90,13 @@ def extensions():
         compile_args["nvcc"] = ["-O3"]
         extension = cpp_extension.CUDAExtension(
             "fastclip._C", SOURCES + CUDA_SOURCES, include_dirs=nvidia_include_dirs(),
-            extra_compile_args=compile_args)
+            depends=HEADERS, extra_compile_args=compile_args)
     else:
         extension = cpp_extension.CppExtension(
-            "fastclip._C", SOURCES, extra_compile_args=compile_args)
-    say(f"building fastclip._C with {'CPU and CUDA' if cuda else 'CPU'} kernels"
-        + (f" (CUDA_HOME={cuda_home}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPUs')})" if cuda else ""))
+            "fastclip._C", SOURCES, depends=HEADERS, extra_compile_args=compile_args)
+    where = (f" (CUDA_HOME={cuda_home}, archs "
+             f"{os.environ.get('TORCH_CUDA_ARCH_LIST', 'of the visible GPUs')})") if cuda else ""
+    say(f"building fastclip._C with {'CPU and CUDA' if cuda else 'CPU'} kernels{where}")
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [extension], {"build_ext": build_ext}
 

@@ -123,7 +123,8 @@ at::Tensor attend_cpu(const at::Tensor& tokens, const at::Tensor& key_query, dou
   at::Tensor attended = at::empty_like(key_query);
   const at::ScalarType acc_type = at::toOpMathType(tokens.scalar_type());  // fp32, or fp64
   // Tasks are runs of consecutive (image, head) pairs; for each image in its run, a task reads
-  // that image's tokens once for all its heads, through two small matmuls in fp32 (fp64 for doubles).
+  // that image's tokens once for all its heads, through two small matmuls in fp32 (fp64 for
+  // doubles).
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t n = i / heads, first = i % heads;
