@@ -61,15 +61,11 @@ OP_DEVICES = frozenset(
 
 def extension_info():
     """Which implementation attention pooling runs, for ``fastclip.info()`` and bug reports."""
-    return {
-        "built": EXTENSION_LOADED,
-        "cpu": "cpu" in OP_DEVICES,
-        "cuda": "cuda" in OP_DEVICES,
-        "error": EXTENSION_ERROR,
-        "attention_pool2d": (f"compiled op {OP_NAME} on {', '.join(sorted(OP_DEVICES - {'meta'}))}"
-                             f"; PyTorch single-query algebra elsewhere")
-        if EXTENSION_LOADED else "PyTorch single-query algebra (fastclip._C not loaded)",
-    }
+    devices = sorted(OP_DEVICES - {"meta"})
+    runs = (f"compiled op {OP_NAME} on {', '.join(devices)}; PyTorch single-query algebra "
+            "elsewhere" if devices else "PyTorch single-query algebra on every device")
+    return {"built": EXTENSION_LOADED, "cpu": "cpu" in devices, "cuda": "cuda" in devices,
+            "error": EXTENSION_ERROR, "attention_pool2d": runs}
 
 
 def check_inputs(x, positional_embedding, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
