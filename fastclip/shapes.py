@@ -54,6 +54,7 @@ TEMPLATES = (
 )
 
 SPLITS = ("train", "held_out")
+TRAIN_GROUP_SIZE = 4  # scenes per group of a training batch (see sample_group)
 RENDER_SCALE = 2  # scenes are drawn at twice the model's resolution, then resized (bicubic)
 
 
@@ -100,22 +101,40 @@ def _pairs(split):
     return _SPLIT_PAIRS[split]
 
 
-def sample_scene(rng, split="train"):
-    """One random scene of ``split`` ("train" or "held_out"), drawn with numpy's ``rng``."""
-    pairs = _pairs(split)
-    shape, color = pairs[rng.integers(len(pairs))]
-    size = list(SIZES)[rng.integers(len(SIZES))]
+def sample_scene(rng, split="train", shape=None, color=None, size=None, background=None):
+    """One random scene of ``split`` ("train" or "held_out"), drawn with numpy's ``rng``;
+    the attributes given are kept."""
+    if shape is None or color is None:
+        pairs = [p for p in _pairs(split) if shape in (None, p[0]) and color in (None, p[1])]
+        shape, color = pairs[rng.integers(len(pairs))]
+    if size is None:
+        size = list(SIZES)[rng.integers(len(SIZES))]
+    if background is None:
+        background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     radius = rng.uniform(*SIZES[size])
     # Keep the whole shape inside the image.
     center = tuple(rng.uniform(radius + 0.02, 1 - radius - 0.02, size=2))
     return Scene(
-        shape=shape, color=color, size=size,
-        background=list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+        shape=shape, color=color, size=size, background=background,
         center=center, radius=radius, angle=rng.uniform(-12, 12),
         color_jitter=tuple(rng.integers(-20, 21, size=3)),
         tint=tuple(rng.integers(-15, 16, size=3)),
         gradient=(rng.uniform(0, 2 * math.pi), rng.uniform(0, 30)),
     )
+
+
+def sample_group(rng, split, group_size):
+    """``group_size`` scenes of one color, size and background, with different shapes.
+
+    Telling them apart needs the shape. A batch of independent scenes rarely holds two of
+    the same color, size and background (there are 48 such combinations), so the
+    contrastive loss would barely reward learning shapes.
+    """
+    first = sample_scene(rng, split)
+    shapes = [s for s, c in _pairs(split) if c == first.color and s != first.shape]
+    picked = rng.choice(len(shapes), size=min(group_size - 1, len(shapes)), replace=False)
+    return [first] + [sample_scene(rng, split, shapes[i], first.color, first.size,
+                                   first.background) for i in picked]
 
 
 def _polygon(center, radius, sides, angle, inner=None):
@@ -200,14 +219,20 @@ def batch_rng(seed, step, split="train"):
     return np.random.default_rng([seed, step, SPLITS.index(split)])
 
 
-def make_batch(seed, step, batch_size, image_size=64, split="train", rng=None):
+def make_batch(seed, step, batch_size, image_size=64, split="train", rng=None, group_size=1):
     """Batch ``step`` of a run with ``seed``: ``(images, captions, scenes)``.
 
     ``images`` is a (batch_size, 3, image_size, image_size) float32 tensor preprocessed exactly
     as ``fastclip.load``'s preprocess does for the rendered images; ``captions`` are strings.
+    With ``group_size`` > 1 the scenes come in groups that differ only in shape (see
+    ``sample_group``); training uses ``TRAIN_GROUP_SIZE``.
     """
     rng = rng if rng is not None else batch_rng(seed, step, split)
-    scenes = [sample_scene(rng, split) for _ in range(batch_size)]
+    scenes = []
+    while len(scenes) < batch_size:
+        scenes += (sample_group(rng, split, group_size) if group_size > 1
+                   else [sample_scene(rng, split)])
+    scenes = scenes[:batch_size]
     # Preprocess's resize and crop per image, then its normalization once for the batch.
     pixels = np.stack([np.asarray(center_crop(resize_shorter_side(
         render(s, image_size * RENDER_SCALE), image_size), image_size)) for s in scenes])

@@ -26,10 +26,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from . import shapes
-from .model import CLIP, CONFIGS, build_model
+from .model import CLIP, CONFIGS, build_model, infer_config
 from .tokenizer import tokenize
 from .transform import Preprocess
 
@@ -105,14 +106,19 @@ def make_optimizer(model, args):
 class ShapesBatches:
     """Batches of the procedural shapes dataset: ``(images, tokens)`` for a step."""
 
-    def __init__(self, seed, batch_size, image_size, context_length):
-        self.seed, self.batch_size = seed, batch_size
+    def __init__(self, seed, batch_size, image_size, context_length,
+                 group_size=shapes.TRAIN_GROUP_SIZE):
+        self.seed, self.batch_size, self.group_size = seed, batch_size, group_size
         self.image_size, self.context_length = image_size, context_length
+        self.tokens = {}  # caption -> its tokens; the dataset has only a few hundred captions
 
     def __call__(self, step):
         images, captions, _ = shapes.make_batch(self.seed, step, self.batch_size,
-                                                self.image_size)
-        return images, tokenize(captions, self.context_length, truncate=True)
+                                                self.image_size, group_size=self.group_size)
+        new = [c for c in dict.fromkeys(captions) if c not in self.tokens]
+        if new:
+            self.tokens.update(zip(new, tokenize(new, self.context_length, truncate=True)))
+        return images, torch.stack([self.tokens[c] for c in captions])
 
 
 class CaptionFileBatches:
@@ -138,8 +144,6 @@ class CaptionFileBatches:
         self.preprocess = Preprocess(image_size)
 
     def __call__(self, step):
-        from PIL import Image
-
         per_epoch = len(self.pairs) // self.batch_size
         epoch, index = divmod(step, per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
@@ -153,7 +157,6 @@ class CaptionFileBatches:
 
 def model_config(model):
     """The ``CLIP(...)`` arguments of ``model``, read back from its parameters."""
-    from .model import infer_config
     return infer_config(model.state_dict())
 
 
@@ -184,6 +187,20 @@ def load_checkpoint(path):
     except Exception as error:  # torch raises many types for a file it cannot read
         raise ValueError(f"{path} is not a readable training checkpoint "
                          f"({type(error).__name__}: {error}).") from error
+
+
+# Options that define a run: resuming with other values would not continue the same run.
+RUN_OPTIONS = ("steps", "batch_size", "lr", "warmup", "weight_decay", "max_grad_norm", "seed",
+               "data", "precision")
+
+
+def check_resumable(checkpoint, args, path):
+    saved = checkpoint["args"]
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (now {getattr(args, k)})"
+               for k in RUN_OPTIONS if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        raise ValueError(f"{path} was saved by a run with {', '.join(changed)}; resume with "
+                         "the same options, or start a new run with another --checkpoint.")
 
 
 def _plain_args(args):
@@ -392,6 +409,7 @@ def run(args):
     checkpoint = None
     if args.resume and os.path.exists(args.checkpoint):
         checkpoint = load_checkpoint(args.checkpoint)
+        check_resumable(checkpoint, args, args.checkpoint)
         model = build_model(checkpoint["state_dict"], quick_gelu=checkpoint["quick_gelu"])
     else:
         model = new_model(args)
@@ -410,12 +428,14 @@ def run(args):
         log(dict(_plain_args(args), event="start", start_step=start_step,
                  torch=torch.__version__, threads=torch.get_num_threads(),
                  machine=platform.processor() or platform.machine(),
+                 load_average=os.getloadavg()[0],
                  precision=resolve_precision(args.precision, args.device)))
     started = time.perf_counter()
     losses, optimizer = train(model, make_batches(args, model), args, start_step, optimizer,
                               scheduler, log)
     result = dict(event="end", steps=args.steps, final_loss=losses[-1] if losses else None,
-                  train_seconds=round(time.perf_counter() - started, 1))
+                  train_seconds=round(time.perf_counter() - started, 1),
+                  load_average=os.getloadavg()[0])
     if args.data == "shapes" and args.eval_images > 0:
         model.eval()
         result.update(shapes.evaluate(model, n=args.eval_images, seed=args.seed + 1))

@@ -119,6 +119,15 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not torch.equal(images, other)
 
 
+def test_training_groups_differ_only_in_shape():
+    _, _, scenes = shapes.make_batch(0, 0, 16, group_size=4)
+    for start in range(0, 16, 4):
+        group = scenes[start:start + 4]
+        assert len({s.shape for s in group}) == 4
+        assert len({(s.color, s.size, s.background) for s in group}) == 1
+        assert not {(s.shape, s.color) for s in group} & shapes.HELD_OUT_PAIRS
+
+
 def test_batch_images_are_preprocessed_renders():
     images, captions, scenes = shapes.make_batch(1, 0, 3, image_size=64)
     preprocess = Preprocess(64)
