@@ -252,3 +252,15 @@ def test_output_folder_with_other_files_is_refused(tmp_path, tiny_checkpoint):  
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty and holds no fastclip job"):
         run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "images")])
+
+
+def test_bad_options_are_explained_before_any_work(tmp_path):
+    write_images(tmp_path / "images", 1)
+    for options, message in [({"limit": 0}, "limit must be at least 1"),
+                             ({"num_workers": -1}, "num_workers must be 0"),
+                             ({"batch_size": 0}, "batch_size must be at least 1"),
+                             ({"dtype": "bf16"}, r"dtype must be one of \['fp16', 'fp32'\]")]:
+        with pytest.raises(ValueError, match=message):
+            embed(str(tmp_path / "out"), images=str(tmp_path / "images"), model="random:tiny",
+                  **options)
+    assert not (tmp_path / "out").exists()

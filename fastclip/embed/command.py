@@ -53,7 +53,8 @@ def add_arguments(parser):
                                   "(default: ViT-B/32)")
     run_options.add_argument("--batch-size", type=int, default=256)
     run_options.add_argument("--num-workers", type=int, default=None,
-                             help="decoding processes (default: the number of cores, at most 8)")
+                             help="decoding processes (default: on CUDA, the cores less "
+                                  "one, at most 16; on the CPU, one per 8 cores, at least 1)")
     run_options.add_argument("--device", default=None,
                              help="cuda, cuda:1 or cpu (default: CUDA when available; under "
                                   "torchrun, cuda:LOCAL_RANK)")

@@ -189,6 +189,17 @@ def barrier():
     return False
 
 
+def default_num_workers(device):
+    """Decoding processes for this rank when ``--num-workers`` is not given: the cores are
+    shared by the ranks of a machine. A GPU embeds thousands of images a second, so decoding
+    needs all the cores it can get; on the CPU the model needs them (a ViT-B/32 image costs
+    about ten times its decoding: measured in benchmarks/results/embed_cpu.md)."""
+    cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device.type == "cuda":
+        return max(1, min(cores - 1, 16))
+    return max(1, cores // 8)
+
+
 def default_device():
     if not torch.cuda.is_available():
         return "cpu"
@@ -275,7 +286,13 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
                          f"got {model_dtype!r}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    images, texts = list(images or ()), list(texts or ())
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"num_workers must be 0 (decode in this process) or more, "
+                         f"got {num_workers}.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}.")
+    images, texts = ([sources] if isinstance(sources, str) else list(sources or ())
+                     for sources in (images, texts))
     start = time.perf_counter()
     # Inputs and the output folder are checked before the model is loaded (or downloaded).
     plan = plan_job(images, texts, shard_size=shard_size, image_column=image_column,
@@ -303,7 +320,7 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
                            clip_model.context_length, max_pixels=max_pixels,
                            image_keys=image_keys, caption_key=caption_key)
     if num_workers is None:
-        num_workers = min(len(os.sched_getaffinity(0)), 8)
+        num_workers = default_num_workers(device)
     num_workers = min(num_workers, len(chunks))
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                         pin_memory=device.type == "cuda",
