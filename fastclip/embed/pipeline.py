@@ -264,6 +264,25 @@ def _wait_for_plan(folder, plan, timeout=600):
 # ---------------------------------------------------------------------------------------
 # The job
 
+def embed_batches(model, batches, writer, normalize, dtype, bar):
+    """Embed every batch and hand the rows to ``writer``; returns the counts."""
+    counts = {"inputs": 0, "rows": 0, "failures": 0}
+    with torch.inference_mode():
+        for batch in batches:
+            result = {k: batch[k] for k in ("chunk", "last", "inputs", "rows", "failures")}
+            result["image"] = result["text"] = None
+            if batch["images"] is not None:
+                result["image"] = to_host(model.encode_image(batch["images"]), normalize, dtype)
+            if batch["tokens"] is not None:
+                result["text"] = to_host(model.encode_text(batch["tokens"]), normalize, dtype)
+            writer.submit(result)
+            counts["inputs"] += batch["inputs"]
+            counts["rows"] += len(batch["rows"])
+            counts["failures"] += len(batch["failures"])
+            bar.update(batch["inputs"])
+            bar.set_postfix(failures=counts["failures"], refresh=False)
+    return counts
+
 def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_workers=None,
           device=None, backend="auto", dtype="fp16", model_dtype=None, normalize=True,
           shard_size=100_000, resume=False, limit=None, image_column="image_path",
@@ -302,6 +321,9 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
     if rank == 0:
         check_output_is_free(folder, resume)
     device = torch.device(device or default_device())
+    if device.type == "cuda":
+        # Streams and events below belong to the current device: make it this rank's.
+        torch.cuda.set_device(device)
     clip_model, preprocess = load_model(model, device, backend,
                                         MODEL_DTYPES.get(model_dtype))
     job = {
@@ -329,26 +351,10 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
     known = [c.known_size for c in chunks]
     bar = tqdm(total=None if None in known else sum(known), unit="item", dynamic_ncols=True,
                disable=not progress or rank != 0, desc="embed")
-    counts = {"inputs": 0, "rows": 0, "failures": 0}
     writer = ShardWriter(folder, plan.metadata_columns)
-    output_dtype = OUTPUT_DTYPES[dtype]
     try:
-        with torch.inference_mode():
-            for batch in device_batches(loader, device):
-                result = {k: batch[k] for k in ("chunk", "last", "inputs", "rows", "failures")}
-                result["image"] = result["text"] = None
-                if batch["images"] is not None:
-                    result["image"] = to_host(clip_model.encode_image(batch["images"]),
-                                              normalize, output_dtype)
-                if batch["tokens"] is not None:
-                    result["text"] = to_host(clip_model.encode_text(batch["tokens"]),
-                                             normalize, output_dtype)
-                writer.submit(result)
-                counts["inputs"] += batch["inputs"]
-                counts["rows"] += len(batch["rows"])
-                counts["failures"] += len(batch["failures"])
-                bar.update(batch["inputs"])
-                bar.set_postfix(failures=counts["failures"], refresh=False)
+        counts = embed_batches(clip_model, device_batches(loader, device), writer, normalize,
+                               OUTPUT_DTYPES[dtype], bar)
     finally:
         writer.close()
         bar.close()
