@@ -17,9 +17,9 @@ struct AttentionPoolKernels {
   // -> (N, HW+1, C) contiguous tokens: the mean over HW first, then the HW positions, each
   // plus its positional embedding.
   at::Tensor (*pool_tokens)(const at::Tensor& x, const at::Tensor& positions);
-  // tokens (N, L, C) and key_query (heads, N, C), both contiguous -> attended (heads, N, C):
-  // for each image and head, softmax_t(scale * key_query . token_t) and the sum of tokens
-  // weighted by it, in fp32 for fp16, bf16 and fp32 (fp64 for doubles).
+  // tokens (N, L, C) and key_query (heads, N, C), both contiguous -> attended (heads, N, C),
+  // any strides: for each image and head, softmax_t(scale * key_query . token_t) and the sum
+  // of the tokens weighted by it, in fp32 for fp16, bf16 and fp32 (fp64 for doubles).
   at::Tensor (*attend)(const at::Tensor& tokens, const at::Tensor& key_query, double scale);
 };
 
