@@ -8,7 +8,6 @@ memory is searched with bounded memory.
 import glob
 import json
 import os
-import sys
 
 import numpy as np
 

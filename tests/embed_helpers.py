@@ -1,16 +1,19 @@
 """Data and models that the embedding tests make for themselves: a tiny random CLIP saved as a
 state dict, generated images, corrupt files, WebDataset tar shards and tables."""
 
+import atexit
+import functools
 import io
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zlib
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -20,14 +23,17 @@ from fastclip.embed.models import TINY_CONFIG
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """The path of a small random ViT CLIP's state dict (64-pixel images, 64-d embeddings)."""
+@functools.lru_cache()
+def tiny_checkpoint():
+    """The path of a small random ViT CLIP's state dict (64-pixel images, 64-d embeddings),
+    saved once per test process."""
     torch.manual_seed(1)
     model = fastclip.build_model_from_config("ViT-B/32", **TINY_CONFIG)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    folder = tempfile.mkdtemp(prefix="fastclip_tiny_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = os.path.join(folder, "tiny.pt")
     torch.save(model.state_dict(), path)
-    return str(path)
+    return path
 
 
 def image_bytes(seed, size=(48, 40), format="JPEG", mode="RGB"):

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 import fastclip
-from embed_helpers import (read_output, run_fastclip, tiny_checkpoint,  # noqa: F401
+from embed_helpers import (read_output, run_fastclip, tiny_checkpoint,
                            write_images)
 from fastclip import cli
 from fastclip.embed.decode import decode_image, read_file
@@ -51,13 +51,13 @@ def test_console_script_runs():
     assert result.stdout.strip() == f"fastclip {fastclip.__version__}"
 
 
-def test_search_finds_the_embedded_text_and_image(tmp_path, capsys, tiny_checkpoint):  # noqa: F811
+def test_search_finds_the_embedded_text_and_image(tmp_path, capsys):
     paths = write_images(tmp_path / "images", 5)
     texts = ["a red car", "a small dog", "the moon at night", "a bowl of soup", "two birds"]
     (tmp_path / "texts.txt").write_text("\n".join(texts))
     assert cli.main(["embed", "--images", str(tmp_path / "images"), "--texts",
                      str(tmp_path / "texts.txt"), "-o", str(tmp_path / "out"), "--model",
-                     tiny_checkpoint, "--num-workers", "0", "--no-progress"]) == 0
+                     tiny_checkpoint(), "--num-workers", "0", "--no-progress"]) == 0
     capsys.readouterr()
 
     assert cli.main(["search", str(tmp_path / "out"), "the moon at night", "--kind", "text",
@@ -72,17 +72,16 @@ def test_search_finds_the_embedded_text_and_image(tmp_path, capsys, tiny_checkpo
     assert label == paths[3] and float(score) > 0.999
 
 
-def test_classify_prints_the_top_label_of_the_python_api(tmp_path, capsys,
-                                                         tiny_checkpoint):  # noqa: F811
+def test_classify_prints_the_top_label_of_the_python_api(tmp_path, capsys):
     paths = write_images(tmp_path / "images", 2)
     (tmp_path / "broken.jpg").write_bytes(b"nope")
     labels = ["cat", "dog", "car"]
     status = cli.main(["classify", *paths, str(tmp_path / "broken.jpg"), "--labels",
-                       ",".join(labels), "--templates", "simple", "--model", tiny_checkpoint,
+                       ",".join(labels), "--templates", "simple", "--model", tiny_checkpoint(),
                        "-k", "3"])
     captured = capsys.readouterr()
     assert status == 1 and "broken.jpg: skipped: not an image" in captured.err
-    model, preprocess = fastclip.load(tiny_checkpoint, device="cpu")
+    model, preprocess = fastclip.load(tiny_checkpoint(), device="cpu")
     weights = zero_shot_classifier(model, labels, SIMPLE_TEMPLATES)
     for path, line in zip(paths, captured.out.splitlines()):
         image = preprocess(decode_image(read_file(path)))[None]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import fastclip
-from embed_helpers import (assert_rows_equal, image_bytes, read_output, tiny_checkpoint,  # noqa: F401
+from embed_helpers import (assert_rows_equal, image_bytes, read_output, tiny_checkpoint,
                            write_corrupt_files, write_images, write_tar_shard)
 from fastclip.embed import embed
 from fastclip.embed.writer import OutputFolder
@@ -26,12 +26,12 @@ FP16_ATOL = 2e-4
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint):  # noqa: F811
-    return fastclip.load(tiny_checkpoint, device="cpu")
+def model():
+    return fastclip.load(tiny_checkpoint(), device="cpu")
 
 
 def image_rows(model, paths, keys=None, normalize=True):
-    """What the issue promises: ``model.encode_image(preprocess(image))``, one image at a
+    """The contract of fastclip embed: ``model.encode_image(preprocess(image))``, one image at a
     time, normalized when asked."""
     clip_model, preprocess = model
     rows = {}
@@ -62,11 +62,10 @@ def run(output, checkpoint, **options):
     return embed(str(output), model=checkpoint, **options)
 
 
-def test_folder_rows_equal_encode_image_and_failures_are_recorded(tmp_path, model,
-                                                                   tiny_checkpoint):  # noqa: F811
+def test_folder_rows_equal_encode_image_and_failures_are_recorded(tmp_path, model):
     paths = write_images(tmp_path / "images", 7)
     corrupt = write_corrupt_files(tmp_path / "images" / "bad")
-    summary = run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "images")])
+    summary = run(tmp_path / "out", tiny_checkpoint(), images=[str(tmp_path / "images")])
 
     out = tmp_path / "out"
     assert_rows_equal(read_output(out), image_rows(model, paths), FP32_ATOL)
@@ -78,7 +77,7 @@ def test_folder_rows_equal_encode_image_and_failures_are_recorded(tmp_path, mode
     assert manifest["counts"] == {"inputs": 11, "rows": 7, "images": 7, "texts": 0,
                                   "failures": 4, "shards": manifest["counts"]["shards"]}
     assert (manifest["normalized"], manifest["dtype"], manifest["failures"]) == (True, "fp32", 4)
-    assert manifest["model"] == tiny_checkpoint and manifest["backend"] == "torch"
+    assert manifest["model"] == tiny_checkpoint() and manifest["backend"] == "torch"
     assert manifest["fastclip_version"] == fastclip.__version__
     assert summary["manifest"] == manifest and summary["inputs"] == 11
     # Shard 0 holds only the corrupt files ("bad" sorts first): no rows, so no files.
@@ -89,34 +88,32 @@ def test_folder_rows_equal_encode_image_and_failures_are_recorded(tmp_path, mode
     assert not [name for _, _, names in os.walk(out) for name in names if ".tmp-" in name]
 
 
-def test_fp16_storage_and_unnormalized_rows(tmp_path, model, tiny_checkpoint):  # noqa: F811
+def test_fp16_storage_and_unnormalized_rows(tmp_path, model):
     paths = write_images(tmp_path / "images", 3)
-    run(tmp_path / "fp16", tiny_checkpoint, images=[str(tmp_path / "images")], dtype="fp16")
+    run(tmp_path / "fp16", tiny_checkpoint(), images=[str(tmp_path / "images")], dtype="fp16")
     stored = read_output(tmp_path / "fp16")
     assert {row.dtype for row in stored.values()} == {np.dtype(np.float16)}
     assert_rows_equal(stored, image_rows(model, paths), FP16_ATOL, "fp16 rows")
 
-    run(tmp_path / "raw", tiny_checkpoint, images=[str(tmp_path / "images")], normalize=False)
+    run(tmp_path / "raw", tiny_checkpoint(), images=[str(tmp_path / "images")], normalize=False)
     assert_rows_equal(read_output(tmp_path / "raw"), image_rows(model, paths, normalize=False),
                       FP32_ATOL, "unnormalized rows")
     manifest = json.loads((tmp_path / "raw" / "manifest.json").read_text())
     assert manifest["normalized"] is False
 
 
-def test_worker_processes_give_the_same_rows_as_the_main_process(tmp_path, model,
-                                                                 tiny_checkpoint):  # noqa: F811
+def test_worker_processes_give_the_same_rows_as_the_main_process(tmp_path, model):
     paths = write_images(tmp_path / "images", 8, nested=False)
     listing = tmp_path / "images" / "list.txt"
     listing.write_text("\n".join(os.path.basename(p) for p in paths) + "\n")
-    run(tmp_path / "out", tiny_checkpoint, images=[str(listing)], num_workers=2, shard_size=2)
+    run(tmp_path / "out", tiny_checkpoint(), images=[str(listing)], num_workers=2, shard_size=2)
     assert_rows_equal(read_output(tmp_path / "out"), image_rows(model, paths), FP32_ATOL)
 
 
-def test_tar_shards_with_captions_and_a_truncated_shard(tmp_path, model,
-                                                        tiny_checkpoint):  # noqa: F811
+def test_tar_shards_with_captions_and_a_truncated_shard(tmp_path, model):
     shards = tmp_path / "shards"
     shards.mkdir()
-    expected_images, expected_texts, sample_paths = {}, {}, []
+    expected_images, expected_texts = {}, {}
     for shard in range(2):
         samples = []
         for i in range(3):
@@ -140,7 +137,7 @@ def test_tar_shards_with_captions_and_a_truncated_shard(tmp_path, model,
     expected_images[f"{shards}/00002.tar:t/0"] = tmp_path / "kept.jpg"
     expected_texts[f"{shards}/00002.tar:t/0"] = "kept"
 
-    run(tmp_path / "out", tiny_checkpoint, images=[str(shards / "{00000..00002}.tar")],
+    run(tmp_path / "out", tiny_checkpoint(), images=[str(shards / "{00000..00002}.tar")],
         embed_captions=True, num_workers=2)
     out = tmp_path / "out"
     keys = list(expected_images)
@@ -156,13 +153,13 @@ def test_tar_shards_with_captions_and_a_truncated_shard(tmp_path, model,
     assert captions.to_pylist() == ["caption 0 0", "caption 0 1", "caption 0 2"]
 
 
-def test_parquet_and_csv_tables(tmp_path, model, tiny_checkpoint):  # noqa: F811
+def test_parquet_and_csv_tables(tmp_path, model):
     paths = write_images(tmp_path / "images", 4, nested=False)
     pq.write_table(pa.table({"url": [os.path.relpath(p, tmp_path) for p in paths[:2]]}),
                    tmp_path / "a.parquet")
     pacsv.write_csv(pa.table({"url": [os.path.relpath(p, tmp_path) for p in paths[2:]]
                               + ["images/missing.jpg"]}), tmp_path / "b.csv")
-    run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "a.parquet"),
+    run(tmp_path / "out", tiny_checkpoint(), images=[str(tmp_path / "a.parquet"),
                                                    str(tmp_path / "b.csv")],
         image_column="url")
     keys = [f"{tmp_path}/a.parquet:0", f"{tmp_path}/a.parquet:1", f"{tmp_path}/b.csv:0",
@@ -171,11 +168,11 @@ def test_parquet_and_csv_tables(tmp_path, model, tiny_checkpoint):  # noqa: F811
     assert "FileNotFoundError" in read_failures(tmp_path / "out")[f"{tmp_path}/b.csv:2"]
 
 
-def test_texts_alone_and_paired_with_images(tmp_path, model, tiny_checkpoint):  # noqa: F811
+def test_texts_alone_and_paired_with_images(tmp_path, model):
     lines = ["a photo of a cat", "", "a diagram " * 40, "ünïcödé text"]
     (tmp_path / "texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     pacsv.write_csv(pa.table({"caption": ["from csv"]}), tmp_path / "t.csv")
-    run(tmp_path / "texts", tiny_checkpoint, texts=[str(tmp_path / "texts.txt"),
+    run(tmp_path / "texts", tiny_checkpoint(), texts=[str(tmp_path / "texts.txt"),
                                                     str(tmp_path / "t.csv")])
     expected = {f"{tmp_path}/texts.txt:{n}": text for n, text in enumerate(lines, start=1)}
     expected[f"{tmp_path}/t.csv:0"] = "from csv"
@@ -184,7 +181,7 @@ def test_texts_alone_and_paired_with_images(tmp_path, model, tiny_checkpoint):  
     assert not (tmp_path / "texts" / "img_emb").exists()
 
     paths = write_images(tmp_path / "images", 4)
-    run(tmp_path / "pairs", tiny_checkpoint, images=[str(tmp_path / "images")],
+    run(tmp_path / "pairs", tiny_checkpoint(), images=[str(tmp_path / "images")],
         texts=[str(tmp_path / "texts.txt")])
     pairs = dict(zip(paths, lines))
     assert_rows_equal(read_output(tmp_path / "pairs"), image_rows(model, paths), FP32_ATOL)
@@ -192,9 +189,9 @@ def test_texts_alone_and_paired_with_images(tmp_path, model, tiny_checkpoint):  
                       FP32_ATOL)
 
 
-def test_limit_takes_the_first_inputs(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_limit_takes_the_first_inputs(tmp_path):
     paths = write_images(tmp_path / "images", 5)
-    run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "images")], limit=2)
+    run(tmp_path / "out", tiny_checkpoint(), images=[str(tmp_path / "images")], limit=2)
     assert sorted(read_output(tmp_path / "out")) == paths[:2]
 
 
@@ -202,12 +199,11 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_completes_every_input_exactly_once(tmp_path, monkeypatch,
-                                                                 tiny_checkpoint):  # noqa: F811
+def test_resume_after_a_crash_completes_every_input_exactly_once(tmp_path, monkeypatch):
     write_images(tmp_path / "images", 10)
     write_corrupt_files(tmp_path / "images" / "bad")
     images = [str(tmp_path / "images")]
-    run(tmp_path / "whole", tiny_checkpoint, images=images, shard_size=2)
+    run(tmp_path / "whole", tiny_checkpoint(), images=images, shard_size=2)
 
     commit = OutputFolder.commit_chunk
     commits = []
@@ -223,19 +219,19 @@ def test_resume_after_a_crash_completes_every_input_exactly_once(tmp_path, monke
 
     monkeypatch.setattr(OutputFolder, "commit_chunk", commit_then_crash)
     with pytest.raises(RuntimeError, match="Writing to .* failed"):
-        run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=2)
+        run(tmp_path / "out", tiny_checkpoint(), images=images, shard_size=2)
     monkeypatch.setattr(OutputFolder, "commit_chunk", commit)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
     with pytest.raises(FileExistsError, match="pass --resume"):
-        run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=2)
+        run(tmp_path / "out", tiny_checkpoint(), images=images, shard_size=2)
     with pytest.raises(ValueError, match="inputs or --shard-size differ"):
-        run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=3, resume=True)
+        run(tmp_path / "out", tiny_checkpoint(), images=images, shard_size=3, resume=True)
     with pytest.raises(ValueError, match="dtype='fp32', not 'fp16'"):
-        run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=2, resume=True,
+        run(tmp_path / "out", tiny_checkpoint(), images=images, shard_size=2, resume=True,
             dtype="fp16")
 
-    summary = run(tmp_path / "out", tiny_checkpoint, images=images, shard_size=2, resume=True)
+    summary = run(tmp_path / "out", tiny_checkpoint(), images=images, shard_size=2, resume=True)
     assert summary["inputs"] == 14 - 2 * len(commits)  # only the missing chunks are redone
     assert_rows_equal(read_output(tmp_path / "out"), read_output(tmp_path / "whole"), 0.0)
     assert read_failures(tmp_path / "out") == read_failures(tmp_path / "whole")
@@ -246,12 +242,12 @@ def test_resume_after_a_crash_completes_every_input_exactly_once(tmp_path, monke
     assert not [n for _, _, names in os.walk(tmp_path / "out") for n in names if ".tmp-" in n]
 
 
-def test_output_folder_with_other_files_is_refused(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_output_folder_with_other_files_is_refused(tmp_path):
     write_images(tmp_path / "images", 1)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty and holds no fastclip job"):
-        run(tmp_path / "out", tiny_checkpoint, images=[str(tmp_path / "images")])
+        run(tmp_path / "out", tiny_checkpoint(), images=[str(tmp_path / "images")])
 
 
 def test_bad_options_are_explained_before_any_work(tmp_path):

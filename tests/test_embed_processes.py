@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from embed_helpers import (REPO, assert_rows_equal, read_output, run_fastclip,  # noqa: F401
+from embed_helpers import (REPO, assert_rows_equal, read_output, run_fastclip,
                            tiny_checkpoint, write_corrupt_files, write_images)
 from fastclip.embed import embed
 
@@ -19,7 +19,7 @@ def embed_in_process(output, checkpoint, images, **options):
           **options)
 
 
-def test_sigkilled_run_resumes_to_the_same_rows(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_sigkilled_run_resumes_to_the_same_rows(tmp_path):
     write_images(tmp_path / "images", 40)
     write_corrupt_files(tmp_path / "images" / "bad")
     images = [str(tmp_path / "images")]
@@ -27,7 +27,7 @@ def test_sigkilled_run_resumes_to_the_same_rows(tmp_path, tiny_checkpoint):  # n
     out = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, "-m", "fastclip", "embed", "--images", *images, "-o", str(out),
-         "--model", tiny_checkpoint, "--no-progress", *options],
+         "--model", tiny_checkpoint(), "--no-progress", *options],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not glob.glob(str(out / ".fastclip" / "done_*.json")):
@@ -39,10 +39,10 @@ def test_sigkilled_run_resumes_to_the_same_rows(tmp_path, tiny_checkpoint):  # n
     process.stderr.close()
     done_before = len(glob.glob(str(out / ".fastclip" / "done_*.json")))
 
-    result = run_fastclip("embed", "--images", *images, "-o", out, "--model", tiny_checkpoint,
+    result = run_fastclip("embed", "--images", *images, "-o", out, "--model", tiny_checkpoint(),
                           "--resume", "--no-progress", *options)
     assert "items" in result.stderr and "failures" in result.stderr, result.stderr
-    embed_in_process(tmp_path / "whole", tiny_checkpoint, images, shard_size=2, batch_size=2,
+    embed_in_process(tmp_path / "whole", tiny_checkpoint(), images, shard_size=2, batch_size=2,
                      dtype="fp32")
     assert_rows_equal(read_output(out), read_output(tmp_path / "whole"), 0.0)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -52,17 +52,17 @@ def test_sigkilled_run_resumes_to_the_same_rows(tmp_path, tiny_checkpoint):  # n
     assert len(glob.glob(str(out / ".fastclip" / "done_*.json"))) == 22
 
 
-def test_two_torchrun_ranks_give_the_rows_of_one_process(tmp_path, tiny_checkpoint):  # noqa: F811
+def test_two_torchrun_ranks_give_the_rows_of_one_process(tmp_path):
     write_images(tmp_path / "images", 9)
     write_corrupt_files(tmp_path / "images" / "bad")
     images = [str(tmp_path / "images")]
     result = run_fastclip(
-        "embed", "--images", *images, "-o", tmp_path / "ranks", "--model", tiny_checkpoint,
+        "embed", "--images", *images, "-o", tmp_path / "ranks", "--model", tiny_checkpoint(),
         "--shard-size", "2", "--num-workers", "1", "--no-progress",
         launcher=["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"],
         env={"OMP_NUM_THREADS": "1"})
     assert "rank 0:" in result.stderr and "rank 1:" in result.stderr, result.stderr
-    embed_in_process(tmp_path / "one", tiny_checkpoint, images, shard_size=2)
+    embed_in_process(tmp_path / "one", tiny_checkpoint(), images, shard_size=2)
     ranks, one = read_output(tmp_path / "ranks"), read_output(tmp_path / "one")
     assert_rows_equal(ranks, one, 5e-4)  # fp16 storage: one ulp at most
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text())

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import fastclip
-from embed_helpers import image_bytes, tiny_checkpoint  # noqa: F401
+from embed_helpers import image_bytes, tiny_checkpoint
 from fastclip.embed.decode import decode_image
 from fastclip.zero_shot import IMAGENET_TEMPLATES, classify, zero_shot_classifier
 from numerics import assert_close_relative
 
 
 @pytest.fixture(scope="module")
-def model(tiny_checkpoint):  # noqa: F811
-    return fastclip.load(tiny_checkpoint, device="cpu")
+def model():
+    return fastclip.load(tiny_checkpoint(), device="cpu")
 
 
 def test_imagenet_templates_are_openais_eighty():

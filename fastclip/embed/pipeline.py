@@ -14,6 +14,7 @@ background thread writes.
 
 import os
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +76,13 @@ class EmbedDataset(IterableDataset):
         if chunk.tar_path is None:
             for item in chunk.items:
                 yield self._sample(item.key, item.image_path, item.text,
-                                   lambda path=item.image_path: decode.read_file(path, self.max_bytes))
+                                   partial(decode.read_file, item.image_path, self.max_bytes))
             return
         try:
             for key, fields in decode.iter_webdataset(chunk.tar_path, self.max_bytes):
                 yield self._sample(f"{chunk.tar_path}:{key}", None,
                                    decode.sample_caption(fields, self.caption_key),
-                                   lambda f=fields: decode.sample_image(f, self.image_keys))
+                                   partial(decode.sample_image, fields, self.image_keys))
         except decode.InputError as error:
             yield {"key": chunk.tar_path}, None, str(error)
 
