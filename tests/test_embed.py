@@ -260,3 +260,32 @@ def test_bad_options_are_explained_before_any_work(tmp_path):
             embed(str(tmp_path / "out"), images=str(tmp_path / "images"), model="random:tiny",
                   **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_ranks_without_a_process_group_and_a_resume_with_another_world_size(
+        tmp_path, monkeypatch):
+    """A launcher that sets RANK and WORLD_SIZE but no MASTER_ADDR: ranks run one after
+    the other here; the last to finish writes the manifest."""
+    write_images(tmp_path / "images", 9)
+    images = [str(tmp_path / "images")]
+    run(tmp_path / "one", tiny_checkpoint(), images=images, shard_size=2)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        summary = run(tmp_path / "two", tiny_checkpoint(), images=images, shard_size=2)
+        assert (summary["manifest"] is None) == (rank == "0")
+    assert_rows_equal(read_output(tmp_path / "two"), read_output(tmp_path / "one"), 0.0)
+
+    # Three ranks start a job and rank 1 dies before its first shard; one process resumes.
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    for rank in ("0", "2"):
+        monkeypatch.setenv("RANK", rank)
+        run(tmp_path / "three", tiny_checkpoint(), images=images, shard_size=2)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    summary = run(tmp_path / "three", tiny_checkpoint(), images=images, shard_size=2,
+                  resume=True)
+    assert summary["inputs"] == 3  # rank 1's shards: 1 (2 images) and 4 (1 image)
+    assert summary["manifest"]["counts"]["rows"] == 9
+    assert_rows_equal(read_output(tmp_path / "three"), read_output(tmp_path / "one"), 0.0)
