@@ -105,3 +105,12 @@ def test_shard_numbers_are_zero_padded_to_one_width(tmp_path):
     (tmp_path / "texts.txt").write_text("\n".join(f"text {i}" for i in range(11)))
     plan = plan_job(texts=[str(tmp_path / "texts.txt")], shard_size=1)
     assert len(plan.chunks) == 11 and plan.name_width == 2
+
+
+def test_unreadable_source_files_are_explained(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
+        plan_job(texts=[str(tmp_path / "latin1.txt")])
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="Cannot read the table .*broken.parquet"):
+        plan_job(images=[str(tmp_path / "broken.parquet")])

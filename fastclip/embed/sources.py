@@ -127,6 +127,16 @@ def _relative_to(base_file, path):
 
 def read_column(path, column):
     """The values of ``column`` in a ``.parquet`` or ``.csv`` file, as Python strings."""
+    import pyarrow as pa
+    try:
+        return _read_column(path, column)
+    except (pa.ArrowException, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"Cannot read the table {path} ({type(error).__name__}: {error}); "
+                         "give a valid .parquet file, or a UTF-8 .csv file with a header "
+                         "row.") from error
+
+
+def _read_column(path, column):
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
         names = pq.read_schema(path).names
@@ -146,9 +156,13 @@ def read_column(path, column):
 
 
 def read_lines(path):
-    """The lines of a text file, without their line endings."""
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
+    """The lines of a UTF-8 text file, without their line endings."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}); convert it, e.g. with "
+                         "iconv, or give the texts in a .parquet file.") from error
 
 
 def image_items(source, image_column, caption_column):
