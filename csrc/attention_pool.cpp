@@ -164,7 +164,7 @@ at::Tensor attention_pool2d(
       kernels.attend(tokens, key_query, 1.0 / std::sqrt(static_cast<double>(head_dim)));
   // pooled[h, n] = W_v,h attended[h, n] + b_v,h: the head's output, as if V had been built.
   const at::Tensor pooled =
-      at::baddbmm(v_bias.view({heads, 1, head_dim}), attended,
+      at::baddbmm(v_bias.reshape({heads, 1, head_dim}), attended,
                   v_weight.reshape({heads, head_dim, width}).transpose(1, 2));  // (heads, N, hd)
   return at::linear(pooled.transpose(0, 1).reshape({batch, width}), c_weight, c_bias);
 }

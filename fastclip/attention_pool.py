@@ -121,7 +121,7 @@ def _single_query_steps(x, positional_embedding, q_weight, q_bias, k_weight, v_w
     attended = probs.to(tokens.dtype) @ tokens  # (N, heads, C): sum_t p_t t, per head
     # W_v,h attended_h + b_v,h: each head's output, as if V had been built.
     pooled = torch.einsum("nhc,hdc->nhd", attended, v_weight.reshape(heads, head_dim, width))
-    pooled = (pooled + v_bias.view(heads, head_dim)).flatten(1)  # (N, C)
+    pooled = (pooled + v_bias.reshape(heads, head_dim)).flatten(1)  # (N, C)
     return tokens, query, key_query, probs, attended, pooled
 
 

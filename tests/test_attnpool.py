@@ -116,16 +116,17 @@ def test_low_precision_within_twice_openai_error(name, dtype, implementation):
 
 def strided_variants(args):
     """The same values as channels_last, as a strided slice of a larger map, and with
-    non-contiguous weights."""
+    non-contiguous weights (transposed) and biases (every other element of a larger one)."""
     x, positions, *parameters, heads = args
     wide = x.new_zeros(x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3])
     wide[..., ::2] = x
-    transposed = [p.t().contiguous().t() if p.dim() == 2 else p for p in parameters]
+    strided = [p.t().contiguous().t() if p.dim() == 2 else torch.stack([p, p], dim=1)[:, 0]
+               for p in parameters]
     return {
         "channels_last": (x.contiguous(memory_format=torch.channels_last), positions,
                           *parameters, heads),
         "strided": (wide[..., ::2], positions, *parameters, heads),
-        "weights_transposed": (x, positions, *transposed, heads),
+        "parameters_strided": (x, positions, *strided, heads),
     }
 
 
