@@ -83,7 +83,7 @@ def attention_pool2d(x, positional_embedding, q_weight, q_bias, k_weight, k_bias
     """OpenAI's AttentionPool2d: the mean token attends over all HW+1 tokens.
 
     This projects K and V for every token, exactly as OpenAI's formulation does; see
-    ``attention_pool2d_single_query`` for the algebra that avoids it.
+    ``fastclip.attention_pool.attention_pool2d_single_query`` for the algebra that avoids it.
     """
     tokens = attention_pool2d_tokens(x, positional_embedding)
     n, length, width = tokens.shape
