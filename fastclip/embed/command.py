@@ -62,6 +62,9 @@ def add_arguments(parser):
                              choices=["auto", "triton", "torch", "reference"])
     run_options.add_argument("--model-dtype", choices=["fp16", "bf16", "fp32"], default=None,
                              help="dtype of the weights (default: fp16 on CUDA, fp32 on CPU)")
+    run_options.add_argument("--gpu-decode", action="store_true",
+                             help="decode JPEGs on the GPU with nvjpeg and resize them there "
+                                  "(needs torchvision); not bit-identical to the PIL path")
     run_options.add_argument("--no-progress", dest="progress", action="store_false",
                              help="no progress bar")
 
@@ -75,7 +78,8 @@ def run(args):
         normalize=args.normalize, shard_size=args.shard_size, resume=args.resume,
         limit=args.limit, image_column=args.image_column, text_column=args.text_column,
         embed_captions=args.embed_captions, image_keys=args.image_keys.split(";"),
-        caption_key=args.caption_key, max_pixels=args.max_pixels, progress=args.progress)
+        caption_key=args.caption_key, max_pixels=args.max_pixels, gpu_decode=args.gpu_decode,
+        progress=args.progress)
     print(summary_line(summary), file=sys.stderr)
     if summary["manifest"] is not None:
         print(f"Wrote {args.output} (manifest.json, failures.jsonl)", file=sys.stderr)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..tokenizer import tokenize
-from . import decode
+from . import decode, device_decode
 from .models import load_model
 from .sources import plan_job, rank_chunks
 from .writer import OutputFolder, ShardWriter, read_json, write_json
@@ -39,7 +39,7 @@ class EmbedDataset(IterableDataset):
     def __init__(self, chunks, preprocess, batch_size, embed_images, embed_texts,
                  context_length=77, max_pixels=decode.DEFAULT_MAX_PIXELS,
                  max_bytes=decode.DEFAULT_MAX_BYTES, image_keys=decode.DEFAULT_IMAGE_KEYS,
-                 caption_key=decode.DEFAULT_CAPTION_KEY):
+                 caption_key=decode.DEFAULT_CAPTION_KEY, device_decode=False):
         self.chunks = chunks
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -50,6 +50,7 @@ class EmbedDataset(IterableDataset):
         self.max_bytes = max_bytes
         self.image_keys = tuple(image_keys)
         self.caption_key = caption_key
+        self.device_decode = device_decode
 
     def __iter__(self):
         worker = get_worker_info()
@@ -93,18 +94,30 @@ class EmbedDataset(IterableDataset):
                 raise decode.InputError("no text (an empty cell, or no caption in the sample)")
             image = None
             if self.embed_images:
-                image = self.preprocess(decode.decode_image(read_bytes(), self.max_pixels))
+                data = read_bytes()
+                if self.device_decode:
+                    # JPEG bytes, decoded later on the model's device (device_decode.py).
+                    image = device_decode.device_decodable(data, self.max_pixels)
+                if image is None:
+                    image = self.preprocess(decode.decode_image(data, self.max_pixels))
         except decode.InputError as error:
             return row, None, str(error)
         return row, image, None
 
     def _batch(self, chunk, rows, images, failures, inputs, last):
-        has_rows = len(rows) > 0
+        jpegs = []
+        if self.device_decode and self.embed_images:
+            # Preprocessed images first, then the JPEG bytes for the device, rows in step.
+            order = sorted(range(len(rows)), key=lambda i: images[i].dim() == 1)
+            rows, images = [rows[i] for i in order], [images[i] for i in order]
+            while images and images[-1].dim() == 1:
+                jpegs.insert(0, images.pop())
         texts = [row["caption"] for row in rows]
+        has_rows = len(rows) > 0
         return {
             "chunk": chunk.index, "last": last, "inputs": inputs, "rows": rows,
-            "failures": failures,
-            "images": torch.stack(images) if self.embed_images and has_rows else None,
+            "failures": failures, "jpegs": jpegs or None,
+            "images": torch.stack(images) if self.embed_images and images else None,
             # Texts longer than the context are cut (and end with end-of-text), as
             # clip-retrieval does, rather than failing the whole row.
             "tokens": (tokenize(texts, self.context_length, truncate=True)
@@ -244,7 +257,7 @@ def _check_same_job(folder, plan, job):
         raise ValueError(
             f"--resume: the inputs or --shard-size differ from those of the job in "
             f"{folder.root}; resume with the same inputs and options, or use a new folder.")
-    for setting in ("model", "model_dtype", "dtype", "normalized", "backend"):
+    for setting in ("model", "model_dtype", "dtype", "normalized", "backend", "gpu_decode"):
         if recorded["job"].get(setting) != job[setting]:
             raise ValueError(
                 f"--resume: the job in {folder.root} was run with {setting}="
@@ -265,11 +278,34 @@ def _wait_for_plan(folder, plan, timeout=600):
 # ---------------------------------------------------------------------------------------
 # The job
 
-def embed_batches(model, batches, writer, normalize, dtype, bar):
-    """Embed every batch and hand the rows to ``writer``; returns the counts."""
+def with_device_images(batch, preprocess, device, max_pixels):
+    """The batch with its JPEGs decoded on ``device`` and appended to its images; rows that
+    could not be decoded move to its failures."""
+    images, kept, failed = device_decode.device_images(batch["jpegs"], preprocess, device,
+                                                       max_pixels)
+    first_jpeg = len(batch["rows"]) - len(batch["jpegs"])
+    keep = list(range(first_jpeg)) + [first_jpeg + i for i in kept]
+    parts = [t for t in (batch["images"], images) if t is not None]
+    tokens = batch["tokens"]
+    return {
+        **batch, "jpegs": None,
+        "images": torch.cat(parts) if parts else None,
+        "rows": [batch["rows"][i] for i in keep],
+        "tokens": tokens[keep] if tokens is not None and keep else None,
+        "failures": batch["failures"] + [
+            {"key": batch["rows"][first_jpeg + i]["key"], "reason": reason,
+             "shard": batch["chunk"]} for i, reason in failed],
+    }
+
+
+def embed_batches(model, batches, writer, normalize, dtype, bar, decode_on_device=None):
+    """Embed every batch and hand the rows to ``writer``; returns the counts.
+    ``decode_on_device(batch)`` decodes the JPEGs of ``--gpu-decode`` batches."""
     counts = {"inputs": 0, "rows": 0, "failures": 0}
     with torch.inference_mode():
         for batch in batches:
+            if batch["jpegs"]:
+                batch = decode_on_device(batch)
             result = {k: batch[k] for k in ("chunk", "last", "inputs", "rows", "failures")}
             result["image"] = result["text"] = None
             if batch["images"] is not None:
@@ -289,13 +325,14 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
           shard_size=100_000, resume=False, limit=None, image_column="image_path",
           text_column="caption", embed_captions=False, image_keys=decode.DEFAULT_IMAGE_KEYS,
           caption_key=decode.DEFAULT_CAPTION_KEY, max_pixels=decode.DEFAULT_MAX_PIXELS,
-          progress=True):
+          gpu_decode=False, progress=True):
     """Embed images and/or texts into ``output`` in clip-retrieval's layout.
 
     ``images`` and ``texts`` are lists of sources (see ``fastclip.embed.sources``); ``model``
     is a name, a checkpoint path or ``random:tiny`` (see ``fastclip.embed.models``);
     ``dtype`` is the stored embeddings' dtype (``fp16`` or ``fp32``); ``model_dtype`` the
-    weights' (fp16 on CUDA and fp32 on the CPU by default). Under a launcher that sets RANK
+    weights' (fp16 on CUDA and fp32 on the CPU by default). ``gpu_decode`` decodes JPEGs on
+    the model's device (see ``device_decode``; not bit-identical). Under a launcher that sets RANK
     and WORLD_SIZE, each process embeds its share. Returns this process's summary: inputs,
     rows, failures, seconds, items per second, and the manifest once the job is complete.
     """
@@ -325,12 +362,14 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
     if device.type == "cuda":
         # Streams and events below belong to the current device: make it this rank's.
         torch.cuda.set_device(device)
+    if gpu_decode:
+        device_decode.torchvision_decode_jpeg()  # fail now, not in the first batch
     clip_model, preprocess = load_model(model, device, backend,
                                         MODEL_DTYPES.get(model_dtype))
     job = {
         "model": os.path.abspath(model) if os.path.isfile(model) else model,
         "backend": clip_model.backend, "model_dtype": str(clip_model.dtype).split(".")[-1],
-        "dtype": dtype, "normalized": bool(normalize),
+        "dtype": dtype, "normalized": bool(normalize), "gpu_decode": bool(gpu_decode),
         "embed_dim": clip_model.text_projection.shape[1],
         "images": images, "texts": texts, "shard_size": shard_size,
         "fastclip_version": __version__,
@@ -341,7 +380,8 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
     chunks = [c for c in rank_chunks(plan.chunks, rank, world_size) if c.index not in done]
     dataset = EmbedDataset(chunks, preprocess, batch_size, plan.embed_images, plan.embed_texts,
                            clip_model.context_length, max_pixels=max_pixels,
-                           image_keys=image_keys, caption_key=caption_key)
+                           image_keys=image_keys, caption_key=caption_key,
+                           device_decode=gpu_decode)
     if num_workers is None:
         num_workers = default_num_workers(device)
     num_workers = min(num_workers, len(chunks))
@@ -354,8 +394,10 @@ def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_
                disable=not progress or rank != 0, desc="embed")
     writer = ShardWriter(folder, plan.metadata_columns)
     try:
-        counts = embed_batches(clip_model, device_batches(loader, device), writer, normalize,
-                               OUTPUT_DTYPES[dtype], bar)
+        counts = embed_batches(
+            clip_model, device_batches(loader, device), writer, normalize, OUTPUT_DTYPES[dtype],
+            bar, partial(with_device_images, preprocess=preprocess, device=device,
+                         max_pixels=max_pixels))
     finally:
         writer.close()
         bar.close()

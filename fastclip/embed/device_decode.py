@@ -1,0 +1,118 @@
+"""``--gpu-decode``: JPEGs decoded on the model's device (nvjpeg through
+``torchvision.io.decode_jpeg`` on CUDA) and resized, cropped and normalized there.
+
+Workers only read the bytes and check the JPEG's header; the main process decodes the batch
+on the device. Everything else takes the PIL path in the workers: other formats, CMYK JPEGs,
+JPEGs over the pixel limit, and JPEGs that do not end with their end-of-image marker
+(truncated files, which PIL then records as failures). A JPEG the device cannot decode is
+decoded with PIL in the main process, or recorded as a failure.
+
+Not bit-identical to the PIL path: torch's antialiased bicubic resize differs from PIL's by
+about a grey level, and nvjpeg's IDCT from libjpeg's. ``tests/test_embed_device_decode.py``
+measures the cosine between the two paths' embeddings. On the CPU, torchvision decodes with
+libjpeg, the pixels PIL gives, so the same code runs and is tested without a GPU.
+"""
+
+import io
+import warnings
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..transform import MEAN, STD
+from . import decode
+
+JPEG_START = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+
+
+def torchvision_decode_jpeg():
+    """``torchvision.io.decode_jpeg`` and its RGB mode, or a clear error without it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its image codecs
+            from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as error:
+        raise RuntimeError("--gpu-decode needs torchvision (pip install torchvision); "
+                           "without it, leave --gpu-decode out.") from error
+    return decode_jpeg, ImageReadMode.RGB
+
+
+def device_decodable(data, max_pixels):
+    """``data`` as a 1-D uint8 tensor if the device decoder should take it, else None."""
+    if not data.startswith(JPEG_START) or not data.rstrip(b"\x00").endswith(JPEG_END):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                width, height = image.size
+                mode = image.mode
+    except Exception:  # the PIL path records why it is unreadable
+        return None
+    if width * height > max_pixels or mode not in ("RGB", "L"):
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def resize_crop(image, n_px):
+    """A decoded ``(3, H, W)`` uint8 image -> ``(3, n_px, n_px)`` fp32 pixel values in
+    [0, 255]: the shorter side resized to ``n_px`` (bicubic, antialiased, rounded to whole
+    grey levels as PIL's output is), then the central square (``transform``'s rounding)."""
+    _, height, width = image.shape
+    short, long = min(width, height), max(width, height)
+    new_long = int(n_px * long / short)
+    new_height, new_width = (new_long, n_px) if width <= height else (n_px, new_long)
+    pixels = image.float()
+    if (new_height, new_width) != (height, width):
+        pixels = F.interpolate(pixels[None], size=(new_height, new_width), mode="bicubic",
+                               antialias=True, align_corners=False)[0]
+        pixels = pixels.round_().clamp_(0, 255)
+    top = int(round((new_height - n_px) / 2.0))
+    left = int(round((new_width - n_px) / 2.0))
+    return pixels[:, top:top + n_px, left:left + n_px]
+
+
+def normalize(pixels):
+    """``transform.to_normalized_tensor``'s arithmetic on a batch of [0, 255] pixels."""
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=pixels.device)[:, None, None]
+    std = torch.tensor(STD, dtype=torch.float32, device=pixels.device)[:, None, None]
+    return pixels.div_(255).sub_(mean).div_(std)
+
+
+def decode_on_device(encoded, device):
+    """Decode a list of JPEG byte tensors on ``device``; returns ``{index: (3, H, W) uint8}``
+    for those that decoded (a bad one fails a whole batched call, so then one at a time)."""
+    decode_jpeg, rgb = torchvision_decode_jpeg()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return dict(enumerate(decode_jpeg(encoded, mode=rgb, device=device)))
+        except RuntimeError:
+            decoded = {}
+            for i, data in enumerate(encoded):
+                try:
+                    decoded[i] = decode_jpeg(data, mode=rgb, device=device)
+                except RuntimeError:
+                    pass
+            return decoded
+
+
+def device_images(jpegs, preprocess, device, max_pixels):
+    """Preprocessed images on ``device`` for a batch's JPEGs, the positions that worked, and
+    ``(position, reason)`` for those that neither the device nor PIL could decode."""
+    decoded = decode_on_device(jpegs, device)
+    images, kept, failures = [], [], []
+    for i, data in enumerate(jpegs):
+        if i in decoded:
+            images.append(normalize(resize_crop(decoded[i], preprocess.n_px)))
+        else:
+            try:
+                image = decode.decode_image(data.numpy().tobytes(), max_pixels)
+            except decode.InputError as error:
+                failures.append((i, str(error)))
+                continue
+            images.append(preprocess(image).to(device))
+        kept.append(i)
+    return (torch.stack(images) if images else None), kept, failures
