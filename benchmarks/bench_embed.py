@@ -1,7 +1,9 @@
 """Images per second of ``fastclip embed`` (the command line, end to end) on this machine.
 
-Run: ``python benchmarks/bench_embed.py [--images 384] [--output benchmarks/results/embed_cpu]``.
-It writes ``<output>.json`` and ``<output>.md`` with the machine described.
+Run: ``python benchmarks/bench_embed.py`` (the CPU; writes benchmarks/results/embed_cpu.*), or
+``python benchmarks/bench_embed.py --device cuda --images 8192 --vit-images 8192 --output
+benchmarks/results/embed_gpu`` on a GPU machine. It writes ``<output>.json`` and
+``<output>.md`` with the machine described.
 
 What is measured:
 
@@ -48,12 +50,12 @@ def make_images(folder, count):
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
-def run_cli(images, output, model, workers, batch_size, extra=()):
+def run_cli(images, output, model, workers, batch_size, extra=(), device="cpu"):
     shutil.rmtree(output, ignore_errors=True)
     load_before = os.getloadavg()[0]
     command = [sys.executable, "-m", "fastclip", "embed", "--images", images, "-o", output,
                "--model", model, "--num-workers", str(workers), "--batch-size",
-               str(batch_size), "--no-progress", *extra]
+               str(batch_size), "--device", device, "--no-progress", *extra]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - start
@@ -68,34 +70,41 @@ def run_cli(images, output, model, workers, batch_size, extra=()):
             "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
 
 
-def model_only(count, batch_size=64):
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def model_only(count, batch_size=64, device="cpu"):
     """The compute ceiling under the same conditions: batched ``encode_image`` on ready
     tensors, in-process, no decoding or writing."""
     from fastclip.embed.models import load_model
-    model, _ = load_model("random:ViT-B/32", "cpu", "torch")
-    batch = torch.randn(batch_size, 3, 224, 224)
+    model, _ = load_model("random:ViT-B/32", device, "auto")
+    batch = torch.randn(batch_size, 3, 224, 224, device=device)
     with torch.inference_mode():
-        model.encode_image(batch[:8])  # warm-up
+        model.encode_image(batch)  # warm-up
+        synchronize(device)
         start = time.perf_counter()
         done = 0
         while done < count:
             model.encode_image(batch)
             done += batch_size
+        synchronize(device)
         seconds = time.perf_counter() - start
     return {"model": "random:ViT-B/32", "loop": f"encode_image on ready batches of "
             f"{batch_size}, in-process", "items": done,
             "items_per_second": round(done / seconds, 2)}
 
 
-def single_image_loop(images_folder, count):
+def single_image_loop(images_folder, count, device="cpu"):
     from fastclip.embed.models import load_model
-    model, preprocess = load_model("random:ViT-B/32", "cpu", "torch")
+    model, preprocess = load_model("random:ViT-B/32", device, "auto")
     paths = sorted(os.path.join(images_folder, n) for n in os.listdir(images_folder))[:count]
     with torch.inference_mode():
-        model.encode_image(preprocess(Image.open(paths[0]))[None])  # warm-up
+        model.encode_image(preprocess(Image.open(paths[0]))[None].to(device))  # warm-up
         start = time.perf_counter()
         for path in paths:
-            model.encode_image(preprocess(Image.open(path))[None])
+            model.encode_image(preprocess(Image.open(path))[None].to(device)).cpu()
         seconds = time.perf_counter() - start
     return {"model": "random:ViT-B/32", "loop": "one image at a time, in-process",
             "items": len(paths), "items_per_second": round(len(paths) / seconds, 2)}
@@ -112,7 +121,8 @@ def machine():
             "avx512_bf16": "avx512_bf16" in flags,
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
             "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -122,6 +132,7 @@ def main():
                         help="images generated, all embedded by the tiny model")
     parser.add_argument("--vit-images", type=int, default=192,
                         help="of which ViT-B/32 embeds the first N (--limit)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=os.path.join(REPO, "benchmarks", "results",
                                                          "embed_cpu"))
     args = parser.parse_args()
@@ -130,17 +141,28 @@ def main():
     make_images(images, args.images)
     runs = []
     vit = ("--limit", str(args.vit_images))
-    for model, workers, extra in [("random:tiny", 0, ()), ("random:tiny", 1, ()),
-                                  ("random:tiny", 2, ()),
-                                  ("random:ViT-B/32", 0, vit), ("random:ViT-B/32", 1, vit),
-                                  ("random:ViT-B/32", 2, vit),
-                                  ("random:ViT-B/32", 1, vit + ("--model-dtype", "bf16"))]:
-        runs.append(run_cli(images, os.path.join(work, "out"), model, workers, 64, extra))
+    if args.device == "cpu":
+        batch_size = 64
+        configurations = [("random:tiny", 0, ()), ("random:tiny", 1, ()), ("random:tiny", 2, ()),
+                          ("random:ViT-B/32", 0, vit), ("random:ViT-B/32", 1, vit),
+                          ("random:ViT-B/32", 2, vit),
+                          ("random:ViT-B/32", 1, vit + ("--model-dtype", "bf16"))]
+    else:
+        batch_size = 256
+        cores = len(os.sched_getaffinity(0))
+        configurations = [("random:ViT-B/32", cores // 2, vit),
+                          ("random:ViT-B/32", cores - 1, vit),
+                          ("random:ViT-B/32", cores - 1, vit + ("--gpu-decode",))]
+    for model, workers, extra in configurations:
+        runs.append(run_cli(images, os.path.join(work, "out"), model, workers, batch_size,
+                            extra, args.device))
         print(json.dumps(runs[-1]), flush=True)
-    references = [model_only(args.vit_images), single_image_loop(images, args.vit_images // 2)]
+    references = [model_only(args.vit_images, batch_size, args.device),
+                  single_image_loop(images, min(args.vit_images // 2, 512), args.device)]
     for reference in references:
         print(json.dumps(reference), flush=True)
-    result = {"machine": machine(), "images": f"{args.images} JPEGs of 500x375",
+    result = {"machine": machine(), "device": args.device,
+              "images": f"{args.images} JPEGs of 500x375",
               "cli_runs": runs, "in_process": references}
     with open(args.output + ".json", "w") as f:
         json.dump(result, f, indent=2)
@@ -152,11 +174,11 @@ def main():
 def markdown(result):
     m = result["machine"]
     lines = [
-        "# fastclip embed on the CPU",
+        f"# fastclip embed on {result['device']}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores (AVX512-BF16: {m['avx512_bf16']}), "
-        f"{m['memory_gib']} GiB, no GPU; Python {m['python']}, torch {m['torch']}; "
-        f"{m['date']}.",
+        f"{m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; Python {m['python']}, "
+        f"torch {m['torch']}; {m['date']}.",
         f"Inputs: {result['images']}. Produced by `python benchmarks/bench_embed.py`.",
         "items/s is the command's own summary: every input over the whole wall time of the "
         "job, model build included; process s adds Python and torch start-up.",
