@@ -39,7 +39,7 @@ class ChecksumError(RuntimeError):
 
 
 # Models shipped inside the package (no download): name -> file in fastclip/pretrained/.
-_BUNDLED = {"fastclip-shapes-vit": "fastclip-shapes-vit.pt"}
+_BUNDLED = {"fastclip-shapes-rn": "fastclip-shapes-rn.pt"}
 _PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from .transform import MEAN, STD, center_crop, resize_shorter_side
 
-SHAPES = ("circle", "square", "triangle", "star", "pentagon", "hexagon", "diamond", "cross")
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLORS = {
     "red": (220, 40, 40),
     "orange": (245, 140, 20),
@@ -36,11 +36,11 @@ COLORS = {
     "purple": (140, 50, 190),
     "pink": (245, 130, 190),
 }
-SIZES = {"small": (0.16, 0.22), "large": (0.28, 0.38)}  # radius, as a fraction of the side
+SIZES = {"small": (0.18, 0.24), "large": (0.3, 0.4)}  # radius, as a fraction of the side
 BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20), "gray": (128, 128, 128)}
 
-# One (shape, color) pair per shape and per color (color index 3*i+1 mod 8 is a
-# permutation), so every shape and every color is still seen in training, only not together.
+# One (shape, color) pair per shape, each in another color (i -> 3*i+1 mod 8 is one-to-one),
+# so every shape and every color is still seen in training, only not together.
 HELD_OUT_PAIRS = frozenset(
     (shape, list(COLORS)[(3 * i + 1) % len(COLORS)]) for i, shape in enumerate(SHAPES))
 
@@ -54,7 +54,7 @@ TEMPLATES = (
 )
 
 SPLITS = ("train", "held_out")
-TRAIN_GROUP_SIZE = 4  # scenes per group of a training batch (see sample_group)
+TRAIN_GROUP_SIZE = 6  # scenes per group of a training batch (see sample_group)
 RENDER_SCALE = 2  # scenes are drawn at twice the model's resolution, then resized (bicubic)
 
 
@@ -245,8 +245,8 @@ def evaluate(model, n=512, seed=0, split="held_out", batch_size=256):
     """Zero-shot classification and retrieval on ``n`` freshly generated scenes of ``split``.
 
     Returns a dict:
-    - ``accuracy``: the image's (shape, color) class is the best of all 64 prompts
-      ``"a {color} {shape}"`` (chance 1/64);
+    - ``accuracy``: the image's (shape, color) class is the best of all 48 prompts
+      ``"a {color} {shape}"`` (chance 1/48);
     - ``shape_accuracy``, ``color_accuracy``: the best prompt has the right shape, color;
     - ``recall_at_1``: image-to-caption retrieval among the ``n`` full captions ("a small red
       circle on a white background"); a hit is a retrieved caption equal to the image's own

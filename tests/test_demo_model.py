@@ -1,4 +1,4 @@
-"""The bundled model fastclip-shapes-vit, and the procedural shapes dataset it was trained on:
+"""The bundled model fastclip-shapes-rn, and the procedural shapes dataset it was trained on:
 the model loads by name with no network and recognizes shape-color combinations it never
 saw in training."""
 
@@ -17,7 +17,7 @@ from fastclip import shapes
 from fastclip.model import infer_config
 from fastclip.transform import Preprocess
 
-NAME = "fastclip-shapes-vit"
+NAME = "fastclip-shapes-rn"
 PRETRAINED = os.path.join(os.path.dirname(fastclip.__file__), "pretrained")
 OPENAI_MODELS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16",
                  "ViT-L/14", "ViT-L/14@336px"]
@@ -47,13 +47,13 @@ def test_shipped_weights_are_a_small_fp16_state_dict():
     path = os.path.join(PRETRAINED, f"{NAME}.pt")
     assert os.path.getsize(path) < 8 * 2**20
     state = torch.load(path, weights_only=True)
-    assert {v.dtype for v in state.values()} == {torch.float16}
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     with open(os.path.join(PRETRAINED, f"{NAME}.json")) as f:
         description = json.load(f)
     config = infer_config(state)
     assert description["config"] == {k: list(v) if isinstance(v, tuple) else v
                                       for k, v in config.items()}
-    assert config["vision_width"] % 64 == 0 and config["transformer_width"] % 64 == 0
+    assert config["transformer_width"] % 64 == 0  # loading infers heads as width // 64
 
 
 def test_fp16_load_matches_fp32(demo):
@@ -72,7 +72,7 @@ def test_zero_shot_accuracy_on_held_out_combinations(demo):
     # Fresh images: the training run drew its batches from seed 0 and evaluated seed 1.
     result = shapes.evaluate(model, n=512, seed=2026, split="held_out")
     print(f"\n{NAME} on 512 held-out images (shape-color pairs never seen in training): "
-          f"zero-shot accuracy {result['accuracy']:.3f} over 64 classes "
+          f"zero-shot accuracy {result['accuracy']:.3f} over {round(1 / result['chance'])} classes "
           f"(chance {result['chance']:.3f}); shape {result['shape_accuracy']:.3f}, "
           f"color {result['color_accuracy']:.3f}; image-to-caption recall@1 "
           f"{result['recall_at_1']:.3f}")
@@ -96,10 +96,11 @@ def test_sample_images_are_classified(tmp_path, demo):
 
 # ------------------------------------------------------------------- the dataset
 
-def test_held_out_pairs_cover_every_shape_and_color_once():
+def test_held_out_pairs_take_each_shape_once_in_different_colors():
     held_out = shapes.HELD_OUT_PAIRS
     assert Counter(s for s, _ in held_out) == Counter(shapes.SHAPES)
-    assert Counter(c for _, c in held_out) == Counter(list(shapes.COLORS))
+    colors = [c for _, c in held_out]
+    assert len(set(colors)) == len(colors) and set(colors) <= set(shapes.COLORS)
 
 
 def test_training_split_never_shows_a_held_out_pair():
