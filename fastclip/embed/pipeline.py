@@ -206,8 +206,8 @@ def barrier():
 def default_num_workers(device):
     """Decoding processes for this rank when ``--num-workers`` is not given: the cores are
     shared by the ranks of a machine. A GPU embeds thousands of images a second, so decoding
-    needs all the cores it can get; on the CPU the model needs them (a ViT-B/32 image costs
-    about ten times its decoding: measured in benchmarks/results/embed_cpu.md)."""
+    needs all the cores it can get; on the CPU the model needs them (a ViT-B/32 image takes
+    about 0.1 core-second, decoding and preprocessing a 500x375 JPEG about a tenth of it)."""
     cores = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if device.type == "cuda":
         return max(1, min(cores - 1, 16))
