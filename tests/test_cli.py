@@ -42,6 +42,7 @@ def test_python_m_fastclip_embeds_with_a_random_model(tmp_path):
     result = run_fastclip("embed", "--images", tmp_path / "images", "-o", tmp_path / "out",
                           "--model", "random:tiny", "--batch-size", "2")
     assert "3 items, 0 failures" in result.stderr and "items/s" in result.stderr
+    assert "item/s" in result.stderr and "failures=0" in result.stderr  # the progress bar
     assert len(read_output(tmp_path / "out")) == 3
 
 
