@@ -6,13 +6,15 @@ from .loading import available_models, load, load_state_dict
 from .model import CLIP, CONFIGS, build_model, build_model_from_config, convert_weights
 from .tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 from .transform import Preprocess
+from .zero_shot import IMAGENET_TEMPLATES, zero_shot_classifier
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CLIP", "CONFIGS", "Preprocess", "SimpleTokenizer", "available_models", "build_model",
+    "CLIP", "CONFIGS", "IMAGENET_TEMPLATES", "Preprocess", "SimpleTokenizer", "available_models", "build_model",
     "build_model_from_config", "convert_weights", "enable_cuda_graphs", "get_backend",
     "get_tokenizer", "info", "load", "load_state_dict", "tokenize",
+    "zero_shot_classifier",
 ]
 
 

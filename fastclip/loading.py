@@ -6,7 +6,9 @@ and builds its own model; it never runs an archive's code. Plain state dicts are
 """
 
 import hashlib
+import http.client
 import os
+import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -82,9 +84,31 @@ def _download(url, root):
         warnings.warn(f"{target} exists but its SHA256 does not match {expected}; "
                       "downloading it again.")
 
-    partial = f"{target}.{os.getpid()}.part"
+    # A private temporary file in the cache folder: concurrent downloads never share it, and
+    # the rename onto the cached name is atomic.
+    handle, partial = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=root)
     try:
-        with urllib.request.urlopen(url) as source, open(partial, "wb") as output:
+        with os.fdopen(handle, "wb") as output:
+            _fetch(url, output, filename, root)
+        actual = _sha256(partial)
+        if actual != expected:
+            raise ChecksumError(
+                f"The file downloaded from {url} has SHA256 {actual}, not the published "
+                f"{expected}; it was not saved. Try again, or load a verified local file "
+                "with fastclip.load(path).")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+def _fetch(url, output, filename, root, timeout=60):
+    """Stream ``url`` into the open file ``output`` with a progress bar. Network failures,
+    including a connection closed before Content-Length bytes, raise a RuntimeError naming
+    the URL and the offline alternative; errors writing the file are left as they are."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as source:
             total = source.headers.get("Content-Length")
             total = int(total) if total else None
             received = 0
@@ -96,33 +120,23 @@ def _download(url, root):
                     bar.update(len(chunk))
         if total is not None and received != total:
             raise ConnectionError(f"the connection closed after {received} of {total} bytes")
-        actual = _sha256(partial)
-        if actual != expected:
-            raise ChecksumError(
-                f"The file downloaded from {url} has SHA256 {actual}, not the published "
-                f"{expected}; it was not saved. Try again, or load a verified local file "
-                "with fastclip.load(path).")
-        os.replace(partial, target)
-    except ChecksumError:
-        raise
-    except (urllib.error.URLError, OSError, ValueError) as error:
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
+            ValueError) as error:
         raise RuntimeError(
             f"Could not download {url}: {error}. Without network access, download the file "
             f"elsewhere and load it with fastclip.load('/path/to/{filename}'), or put it in "
             f"{root}.") from error
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return target
 
 
 def _is_torchscript_archive(path):
-    """TorchScript archives are zip files with a ``code/`` folder (plain ``torch.save``
-    files are zip files without one)."""
+    """TorchScript archives are zip files whose top folder holds ``constants.pkl`` and a
+    ``code/`` folder; ``torch.save`` files hold neither (their top folder is named after the
+    file, which may itself be called ``code``)."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any("/code/" in f"/{name}" for name in archive.namelist())
+        second_parts = {tuple(name.split("/")[1:2]) for name in archive.namelist()}
+    return ("constants.pkl",) in second_parts and ("code",) in second_parts
 
 
 def _unwrap_state_dict(checkpoint, path):
@@ -164,7 +178,7 @@ def default_device():
 
 
 def load(name, device=None, jit=False, download_root=None, dtype=None, backend="auto",
-         quick_gelu=True, cuda_graphs=False):
+         quick_gelu=True, cuda_graphs=False, vision_heads=None, transformer_heads=None):
     """Load a CLIP model: OpenAI's ``clip.load`` with fastclip's model.
 
     Parameters
@@ -180,6 +194,9 @@ def load(name, device=None, jit=False, download_root=None, dtype=None, backend="
     backend : ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see
         ``fastclip.backends``).
     quick_gelu : ``False`` builds the nn.GELU variant (LAION's open_clip checkpoints).
+    vision_heads, transformer_heads : head counts, for checkpoints whose heads are not 64
+        wide (OpenAI's all are; LAION's ViT-H/14 has ``vision_heads=16``). A state dict
+        does not record them.
     cuda_graphs : on CUDA, ``True`` (or a tuple of batch sizes) makes ``encode_image`` and
         ``encode_text`` replay CUDA graphs for small batches (see ``fastclip.cuda_graphs``
         for the static-shape rules).
@@ -201,7 +218,8 @@ def load(name, device=None, jit=False, download_root=None, dtype=None, backend="
             f"Model {name} not found; available models = {available_models()}, or pass the "
             "path of a checkpoint file.")
 
-    model = build_model(load_state_dict(path), quick_gelu=quick_gelu)
+    model = build_model(load_state_dict(path), quick_gelu=quick_gelu,
+                        vision_heads=vision_heads, transformer_heads=transformer_heads)
     device = torch.device(device if device is not None else default_device())
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -112,7 +112,10 @@ class ModifiedResNet(nn.Module):
         return self.avgpool(x)
 
     def forward(self, x):
-        x = x.type(self.conv1.weight.dtype)
+        # channels_last: the CPU's oneDNN convolutions run about 1.25x faster on it (RN50,
+        # measured in benchmarks/), and every layer here keeps the layout. The math is
+        # unchanged.
+        x = x.to(self.conv1.weight.dtype, memory_format=torch.channels_last)
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.attnpool(x)
@@ -228,17 +231,20 @@ class CLIP(nn.Module):
                  image_resolution, vision_layers, vision_width, vision_patch_size,
                  # text
                  context_length, vocab_size, transformer_width, transformer_heads,
-                 transformer_layers, quick_gelu=True):
+                 transformer_layers, quick_gelu=True, vision_heads=None):
         super().__init__()
         self.context_length = context_length
+        # OpenAI's models have 64-wide heads; vision_heads overrides that (e.g. LAION's
+        # ViT-H/14 has 16 heads of width 80).
         if isinstance(vision_layers, (tuple, list)):
             self.visual = ModifiedResNet(
-                layers=vision_layers, output_dim=embed_dim, heads=vision_width * 32 // 64,
+                layers=vision_layers, output_dim=embed_dim,
+                heads=vision_heads or vision_width * 32 // 64,
                 input_resolution=image_resolution, width=vision_width)
         else:
             self.visual = VisionTransformer(
                 input_resolution=image_resolution, patch_size=vision_patch_size,
-                width=vision_width, layers=vision_layers, heads=vision_width // 64,
+                width=vision_width, layers=vision_layers, heads=vision_heads or vision_width // 64,
                 output_dim=embed_dim, quick_gelu=quick_gelu)
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads,
                                        causal=True, quick_gelu=quick_gelu)
@@ -406,22 +412,26 @@ def infer_config(state_dict):
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-def build_model(state_dict, quick_gelu=True):
+def build_model(state_dict, quick_gelu=True, vision_heads=None, transformer_heads=None):
     """Build a CLIP whose architecture is inferred from ``state_dict`` and load it.
 
     Unlike OpenAI's ``build_model``, the weights keep their dtype: an fp32 checkpoint gives an
     fp32 model, an OpenAI fp16 checkpoint a model in OpenAI's mixed fp16 layout (see
     ``convert_weights``). ``quick_gelu=False`` builds the nn.GELU variant used by LAION's
-    checkpoints. Returns the model in eval mode on the CPU.
+    checkpoints. Head counts cannot be read off a state dict: they are inferred with OpenAI's
+    rule (64-wide heads) unless ``vision_heads`` or ``transformer_heads`` say otherwise.
+    Returns the model in eval mode on the CPU.
     """
     state_dict = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
     try:
         config = infer_config(state_dict)
+        dtype = state_dict["visual.conv1.weight"].dtype
     except KeyError as missing:
         raise ValueError(
             f"This state dict is not a CLIP checkpoint: it has no {missing} entry.") from None
-    model = CLIP(**config, quick_gelu=quick_gelu)
-    dtype = state_dict["visual.conv1.weight"].dtype
+    if transformer_heads:
+        config["transformer_heads"] = transformer_heads
+    model = CLIP(**config, quick_gelu=quick_gelu, vision_heads=vision_heads)
     if dtype != torch.float32:
         convert_weights(model, dtype)
     model.load_state_dict(state_dict, strict=True)

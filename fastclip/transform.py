@@ -39,11 +39,12 @@ def center_crop(image, size):
 
 
 def to_normalized_tensor(image, mean=MEAN, std=STD):
-    """An RGB PIL image -> a normalized (3, H, W) float32 tensor."""
+    """An RGB PIL image -> a normalized, contiguous (3, H, W) tensor of the default dtype."""
     array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    dtype = torch.get_default_dtype()  # as torchvision's ToTensor
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(dtype).div(255)
+    mean = torch.tensor(mean, dtype=dtype)[:, None, None]
+    std = torch.tensor(std, dtype=dtype)[:, None, None]
     return tensor.sub_(mean).div_(std)
 
 

@@ -105,7 +105,16 @@ def test_dtype_override(tmp_path, model, dtype):
     assert loaded.logit_scale.dtype == torch.float32
 
 
-def test_backend_is_reported(tmp_path, model):
+def test_state_dict_file_named_code(tmp_path, model, inputs):
+    """torch.save names its zip's top folder after the file: code.pt is still a state dict."""
+    path = tmp_path / "code.pt"
+    torch.save(model.state_dict(), path)
+    assert not loading._is_torchscript_archive(str(path))
+    assert_same_model(fastclip.load(str(path), device="cpu")[0], model, inputs)
+
+
+def test_backend_is_reported(tmp_path, model, monkeypatch):
+    monkeypatch.delenv("FASTCLIP_BACKEND", raising=False)
     path = tmp_path / "model.pt"
     torch.save(model.state_dict(), path)
     assert fastclip.load(str(path), device="cpu", backend="reference")[0].backend == "reference"
