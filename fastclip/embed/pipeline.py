@@ -320,7 +320,7 @@ def embed_batches(model, batches, writer, normalize, dtype, bar, decode_on_devic
             bar.set_postfix(failures=counts["failures"], refresh=False)
     return counts
 
-def embed(output, images=(), texts=(), model="random:tiny", batch_size=256, num_workers=None,
+def embed(output, images=(), texts=(), model="ViT-B/32", batch_size=256, num_workers=None,
           device=None, backend="auto", dtype="fp16", model_dtype=None, normalize=True,
           shard_size=100_000, resume=False, limit=None, image_column="image_path",
           text_column="caption", embed_captions=False, image_keys=decode.DEFAULT_IMAGE_KEYS,
