@@ -44,6 +44,33 @@ class Backend:
         return f"Backend({self.name!r})"
 
 
+def _layer_norm(x, weight, bias, eps):
+    """``reference.layer_norm`` without its fp32 copy of a CPU input: PyTorch's CPU kernel
+    takes bf16/fp16 inputs with fp32 weights and computes in fp32 (CUDA's kernel wants one
+    dtype for both, so CUDA tensors take the reference)."""
+    if x.device.type != "cpu":
+        return reference.layer_norm(x, weight, bias, eps)
+    weight = weight.float() if weight is not None else None
+    bias = bias.float() if bias is not None else None
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def _add_layer_norm(x, residual, weight, bias, eps):
+    total = x + residual
+    return total, _layer_norm(total, weight, bias, eps)
+
+
+def _mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation):
+    """``reference.mlp``, with QuickGELU computed in place when no gradient is recorded: the
+    hidden layer is the block's largest tensor, and each buffer fewer is a pass fewer."""
+    hidden = F.linear(x, fc_weight, fc_bias)
+    if activation == "quick_gelu" and not (torch.is_grad_enabled() and hidden.requires_grad):
+        hidden = hidden.mul_(torch.sigmoid_(hidden * 1.702))
+    else:
+        hidden = reference.ACTIVATIONS[activation](hidden)
+    return F.linear(hidden, proj_weight, proj_bias)
+
+
 def _sdpa_attention(qkv, heads, causal):
     q, k, v = reference.split_heads(qkv, heads)
     return reference.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
@@ -60,10 +87,10 @@ REFERENCE = Backend(
 
 TORCH = Backend(
     name="torch",
-    layer_norm=reference.layer_norm,
-    add_layer_norm=reference.add_layer_norm,
+    layer_norm=_layer_norm,
+    add_layer_norm=_add_layer_norm,
     attention=_sdpa_attention,
-    mlp=reference.mlp,
+    mlp=_mlp,
     attention_pool2d=attention_pool.attention_pool2d,
 )
 
