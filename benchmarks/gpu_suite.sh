@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Every GPU check in one call, for a CUDA machine without network access (in the project's
+# runs: one H200, torch 2.11, triton 3.6, no open_clip): build the extension, run the GPU
+# tests, then the GPU benchmarks, and write everything into one folder, within a time budget.
+#
+#   benchmarks/gpu_suite.sh [OUTPUT_FOLDER]    (default: benchmarks/results/gpu-<UTC time>)
+#
+# The folder gets at most 8 files (what a device call brings back): suite.log (every step's
+# output), summary.json (the machine, and each step's exit status and seconds),
+# gpu_tests.xml, models_gpu.json and kernels_gpu.json (pytest-benchmark), and
+# performance_gpu.md and .png (render_results.py).
+#
+# Environment:
+#   PYTHON                     the interpreter (default: python3)
+#   FASTCLIP_SUITE_BUDGET_S    seconds for the whole suite (default 450: 8 minutes, less
+#                              a margin); each step is stopped when its share runs out
+#   FASTCLIP_SUITE_DRY_RUN=1   the same steps on the CPU in seconds: no build, the GPU tests
+#                              only collected, the benchmarks at --bench-sizes=tiny. CI runs
+#                              it so (tests/test_benchmarks_dry_run.py).
+# open_clip is optional: without it the benchmarks compare with transformers only. To have it
+# on a machine with no registry, install its wheel first (pip install --no-index --no-deps).
+set -uo pipefail  # not -e: a failed step is recorded and the next steps still run
+
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}
+PYTHON=${PYTHON:-python3}
+DRY_RUN=${FASTCLIP_SUITE_DRY_RUN:-0}
+BUDGET=${FASTCLIP_SUITE_BUDGET_S:-450}
+START=$(date +%s)
+mkdir -p "$OUT"
+LOG="$OUT/suite.log"
+STEPS="$OUT/steps.tsv"  # name, exit status, seconds; folded into summary.json at the end
+: >"$LOG"
+: >"$STEPS"
+
+# run_step NAME SHARE COMMAND...: run COMMAND with at most SHARE seconds, and never past the
+# budget; its output goes to suite.log. SIGINT first, so that pytest still writes its JSON.
+run_step() {
+    local name=$1 share=$2
+    shift 2
+    local left=$((BUDGET - ($(date +%s) - START)))
+    local limit=$((share < left ? share : left))
+    local begin=$(date +%s)
+    echo "=== $name (limit ${limit}s): $*" >>"$LOG"
+    if ((limit <= 0)); then
+        echo "skipped: the budget of ${BUDGET}s is spent" >>"$LOG"
+        printf '%s\t%s\t%s\n' "$name" "skipped" 0 >>"$STEPS"
+        return
+    fi
+    timeout -s INT -k 15 "$limit" "$@" >>"$LOG" 2>&1
+    local status=$?
+    printf '%s\t%s\t%s\n' "$name" "$status" $(($(date +%s) - begin)) >>"$STEPS"
+    echo "=== $name: exit $status after $(($(date +%s) - begin))s" >>"$LOG"
+}
+
+if [[ $DRY_RUN == 1 ]]; then
+    SIZES=tiny
+    run_step build 5 echo "dry run: would run $PYTHON -m pip install --no-build-isolation --no-deps -e ."
+    run_step gpu_tests 120 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider --collect-only
+else
+    SIZES=gpu
+    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    run_step build 200 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+    run_step gpu_tests 120 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider \
+        --junitxml="$OUT/gpu_tests.xml"
+fi
+run_step models 240 "$PYTHON" -m pytest benchmarks/bench_models.py -q -p no:cacheprovider \
+    --bench-sizes=$SIZES --benchmark-json="$OUT/models_gpu.json"
+run_step kernels 60 "$PYTHON" -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
+    --benchmark-json="$OUT/kernels_gpu.json"
+run_step render 30 "$PYTHON" benchmarks/render_results.py "$OUT/models_gpu.json" \
+    --output "$OUT/performance_gpu"
+
+# summary.json; machine.py exits 1 when a step that ran failed, and so does the suite.
+"$PYTHON" benchmarks/machine.py --steps "$STEPS" --sizes "$SIZES" >"$OUT/summary.json"
+status=$?
+rm -f "$STEPS"
+echo "wrote $OUT in $(($(date +%s) - START))s"
+exit $status
