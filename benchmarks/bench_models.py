@@ -276,3 +276,4 @@ def test_throughput(benchmark, case, sizes):
     benchmark.extra_info.update(case._asdict())
     benchmark.extra_info.update(rounds.summary(case.batch, baseline))
     benchmark.extra_info["agreement"] = report
+    benchmark.extra_info["fastclip_auto_backend"] = fastclip.get_backend("auto", device).name

@@ -68,6 +68,7 @@ def plot(comparisons, path):
     import matplotlib
     matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     labels, ratios, colors = [], [], []
     for info in comparisons:
@@ -81,6 +82,9 @@ def plot(comparisons, path):
     axes.set_yticks(list(positions), labels, fontsize=7)
     axes.axvline(1.0, color="black", linewidth=0.8)
     axes.set_xscale("log")
+    axes.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1, 2, 5)))
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_xlabel("speed relative to the baseline (log scale; above 1 is faster)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
