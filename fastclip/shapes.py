@@ -299,12 +299,12 @@ def _normalize(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def write_samples(folder, n=8, seed=0, side=128, split="held_out"):
+def write_samples(folder, n=len(SHAPES), seed=0, side=128, split="held_out"):
     """Write ``n`` sample images of ``split`` to ``folder`` as PNGs named after what they show
     (``red_circle.png``; a number is added when two show the same) and return their paths.
 
     The default split is the held-out one: combinations the bundled model never saw. The
-    first images cycle through the shapes, so eight samples show eight different shapes.
+    images cycle through the shapes, so the first six show the six shapes.
     """
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng([seed, 2 * 10**6, SPLITS.index(split)])
@@ -332,7 +332,8 @@ def main(argv=None):
         prog="python -m fastclip.shapes",
         description="Write sample images of the shapes dataset, named after what they show.")
     parser.add_argument("folder", help="where to write the PNG files (created if missing)")
-    parser.add_argument("-n", type=int, default=8, help="how many images (default 8)")
+    parser.add_argument("-n", type=int, default=len(SHAPES),
+                        help=f"how many images (default {len(SHAPES)}, one per shape)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="side in pixels (default 128)")
     parser.add_argument("--split", choices=SPLITS, default="held_out",

@@ -83,9 +83,9 @@ def test_zero_shot_accuracy_on_held_out_combinations(demo):
 def test_sample_images_are_classified(tmp_path, demo):
     """The README's first command: sample images written to a folder, then classified."""
     model, preprocess = demo
-    paths = shapes.write_samples(tmp_path, n=8)
+    paths = shapes.write_samples(tmp_path, n=8)  # six shapes, then two repeated
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths)
-    truth = [os.path.basename(p)[:-len(".png")].replace("_", " ") for p in paths]
+    truth = [" ".join(os.path.basename(p).split(".")[0].split("_")[:2]) for p in paths]
     labels = [f"a {color} {shape}" for shape in shapes.SHAPES for color in shapes.COLORS]
     images = torch.stack([preprocess(Image.open(p)) for p in paths])
     with torch.no_grad():
