@@ -55,7 +55,8 @@ run_step() {
 
 if [[ $DRY_RUN == 1 ]]; then
     SIZES=tiny
-    run_step build 5 echo "dry run: would run $PYTHON -m pip install --no-build-isolation --no-deps -e ."
+    run_step build 5 echo "dry run: skipped" \
+        "$PYTHON -m pip install --no-build-isolation --no-deps -e ."
     run_step gpu_tests 120 "$PYTHON" -m pytest -m gpu tests -q -p no:cacheprovider --collect-only
 else
     SIZES=gpu

@@ -13,7 +13,8 @@ def bench_sizes(config):
     """``--bench-sizes``, else ``FASTCLIP_BENCH_SIZES``, else ``cpu``."""
     sizes = config.getoption("--bench-sizes") or os.environ.get("FASTCLIP_BENCH_SIZES") or "cpu"
     if sizes not in SIZES:
-        raise pytest.UsageError(f"FASTCLIP_BENCH_SIZES={sizes!r}; choose one of {', '.join(SIZES)}.")
+        raise pytest.UsageError(
+            f"FASTCLIP_BENCH_SIZES={sizes!r}; choose one of {', '.join(SIZES)}.")
     return sizes
 
 
