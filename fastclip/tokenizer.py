@@ -126,7 +126,14 @@ class SimpleTokenizer:
         self._byte_pair_ranks[left[byte_pairs], right[byte_pairs]] = np.flatnonzero(byte_pairs)
 
     def bpe(self, token):
-        """The BPE pieces of one byte-encoded word, the last one ending in ``</w>``.
+        """OpenAI's ``bpe``: the pieces of one byte-encoded word, space-separated, the last
+        ending in ``</w>``; a special token is itself."""
+        if token in self._special_ids:
+            return token
+        return " ".join(self._bpe_pieces(token))
+
+    def _bpe_pieces(self, token):
+        """The BPE pieces of one byte-encoded word, as a list.
 
         Merging the lowest-ranked adjacent pair everywhere it occurs, left to right, until no
         pair has a rank, gives the same pieces as OpenAI's loop.
@@ -162,7 +169,7 @@ class SimpleTokenizer:
         ids = self._cache.get(word)
         if ids is None:
             token = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-            ids = [self.encoder[piece] for piece in self.bpe(token)]
+            ids = [self.encoder[piece] for piece in self._bpe_pieces(token)]
             if len(self._cache) >= self.cache_size:
                 self._cache.clear()  # start afresh rather than grow without bound
             self._cache[word] = ids

@@ -104,3 +104,35 @@ def test_decode_round_trips(texts):
         assert tokenizer.encode(decoded) == ids, repr(text)
     assert tokenizer.decode(tokenizer.encode("Hello,   World!")) == "hello , world ! "
     assert tokenizer.decode(torch.tensor(tokenizer.encode("a cat"))) == "a cat "
+
+
+def test_plain_ascii_fast_path_cleans_like_ftfy():
+    """Plain ASCII text skips ftfy; it must come out as ftfy and html.unescape leave it."""
+    from fastclip.tokenizer import _PLAIN_ASCII, basic_clean, clean, whitespace_clean
+    rng = random.Random(7)
+    alphabet = "\t\n !\"#$%'()*+,-./0123456789:;<=>?@ABCXYZ[\\]^_`abcxyz{|}~"
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+             for _ in range(3000)]
+    for text in texts:
+        assert _PLAIN_ASCII.fullmatch(text)
+        assert clean(text) == whitespace_clean(basic_clean(text)).lower(), repr(text)
+
+
+def test_batch_path_equals_word_by_word_path(texts):
+    """Batches of 64 words or more take the array merge rounds; single words the Python
+    loop: both give the same ids, special tokens included."""
+    tokenizer = get_tokenizer()
+    batch = texts[:300] + ["<|startoftext|> a <|endoftext|> " * 40]
+    by_batch = tokenizer.encode_batch(batch)
+    by_word = [[i for word in tokenizer.pattern.findall(clean_text)
+                for i in tokenizer._word_ids(word)]
+               for clean_text in map(fastclip.tokenizer.clean, batch)]
+    assert by_batch == by_word
+
+
+def test_bpe_is_openai_compatible():
+    tokenizer = get_tokenizer()
+    assert tokenizer.bpe("<|startoftext|>") == "<|startoftext|>"
+    pieces = tokenizer.bpe("photography")
+    assert isinstance(pieces, str) and pieces.endswith("</w>")
+    assert [tokenizer.encoder[p] for p in pieces.split(" ")] == tokenizer.encode("photography")
