@@ -1,4 +1,4 @@
-"""The ``fastclip`` command: ``fastclip embed``, ``fastclip classify``, ``fastclip search``.
+"""The ``fastclip`` command: ``fastclip embed``, ``classify``, ``search`` and ``train``.
 
 Each subcommand is a module with ``add_arguments(parser)`` and ``run(args)`` (returning the
 exit status); adding one is one line in ``SUBCOMMANDS``.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
               "metadata)"),
     "classify": ("fastclip.zero_shot", "zero-shot classify images among given labels"),
     "search": ("fastclip.search", "top-k search of an embedding folder by a text or image"),
+    "train": ("fastclip.train", "train or fine-tune a CLIP contrastively (see README)"),
 }
 
 

@@ -16,8 +16,11 @@ stamp=.venv/.fastclip-build
 inputs="$( (cat pyproject.toml setup.py $(find csrc -type f 2>/dev/null | sort);
             echo "FASTCLIP_CUDA=${FASTCLIP_CUDA:-} CUDA_HOME=${CUDA_HOME:-}") | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
-  python -m pip install -q --upgrade pip
-  python -m pip install -q torch torchvision
-  MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation -e ".[test,bench]"
+  echo "Installing fastclip into .venv (torch, then fastclip, compiling fastclip._C; log in .venv/install.log)..."
+  {
+    python -m pip install --upgrade pip &&
+    python -m pip install torch torchvision &&
+    MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --no-build-isolation -e ".[test,bench]"
+  } > .venv/install.log 2>&1 || { tail -n 40 .venv/install.log; echo "Installation failed; see .venv/install.log" >&2; exit 1; }
   echo "$inputs" > "$stamp"
 fi
