@@ -168,10 +168,12 @@ at::Tensor attend_cuda(const at::Tensor& tokens, const at::Tensor& key_query, do
   const int64_t heads = key_query.size(0);
   at::Tensor attended = at::empty({heads, batch, width}, tokens.options());
   if (attended.numel() == 0) return attended;
-  const int64_t shared = length * at::elementSize(at::toOpMathType(tokens.scalar_type()));
-  TORCH_CHECK(shared <= kSharedBytes, "fastclip::attention_pool2d: ", length,
-              " tokens (H*W + 1) are more than the CUDA kernel holds (",
-              kSharedBytes / at::elementSize(at::toOpMathType(tokens.scalar_type())),
+  const int64_t acc_size = at::elementSize(at::toOpMathType(tokens.scalar_type()));
+  // The dynamic buffer of probabilities shares the block's 48 KiB with the static scratch.
+  const int64_t room = kSharedBytes - kWarp * acc_size;
+  const int64_t shared = length * acc_size;
+  TORCH_CHECK(shared <= room, "fastclip::attention_pool2d: ", length,
+              " tokens (H*W + 1) are more than the CUDA kernel holds (", room / acc_size,
               "); use fastclip.attention_pool.attention_pool2d_single_query.");
   const dim3 grid(batch, heads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "attend", [&] {

@@ -58,13 +58,17 @@ class CUDAGraphed:
             self.graphs[key] = self._capture(size, x.shape[1:], x.dtype)
         graph, static_input, static_output = self.graphs[key]
         batch = x.shape[0]
-        static_input[:batch].copy_(x)
-        static_input[batch:].zero_()
-        graph.replay()
+        # The static buffers are captured under inference_mode, whatever mode the first
+        # caller was in, so they are written under it too; the clone returned outside it is
+        # an ordinary tensor (callers may normalize it in place).
+        with torch.inference_mode():
+            static_input[:batch].copy_(x)
+            static_input[batch:].zero_()
+            graph.replay()
         return static_output[:batch].clone()
 
     def _capture(self, size, shape, dtype):
-        with torch.no_grad():
+        with torch.inference_mode():
             static_input = torch.zeros(size, *shape, dtype=dtype, device=self.device)
             # Warm up on a side stream, as PyTorch requires: this compiles the Triton kernels
             # and creates cuBLAS workspaces, which must not happen during capture.

@@ -359,8 +359,10 @@ def add_arguments(parser):
     run.add_argument("--threads", type=int, default=0,
                      help="CPU threads (default: torch's choice); on a CPU shared with other "
                           "jobs, 1 thread avoids threads waiting on each other")
-    run.add_argument("--backend", default="torch",
-                     help="fastclip backend for training (default torch)")
+    # The Triton kernels are forward-only (no backward): training runs these two.
+    run.add_argument("--backend", default="torch", choices=["torch", "reference"],
+                     help="fastclip backend for training (default torch; the Triton kernels "
+                          "have no backward)")
     out = parser.add_argument_group("output")
     out.add_argument("--checkpoint", metavar="PATH",
                      help="where to save resumable checkpoints")
@@ -459,8 +461,10 @@ def train_from_args(args):
     if log:
         log(result)
     if args.export:
-        export_model(model, args.export, unused_token_rows=untouched_token_rows(optimizer,
-                                                                                model))
+        # Zeroing the rows training never touched only drops random initial values when the
+        # run started from scratch; a fine-tuned model's rows are pretrained and are kept.
+        unused = untouched_token_rows(optimizer, model) if args.init is None else None
+        export_model(model, args.export, unused_token_rows=unused)
         with open(os.path.splitext(args.export)[0] + ".json", "w") as f:
             json.dump(dict(name=os.path.splitext(os.path.basename(args.export))[0],
                            config=model_config(model), training=_plain_args(args),

@@ -138,7 +138,7 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if m > 0 and n > 0:
         grid = (triton.cdiv(m, options["BLOCK_M"]) * triton.cdiv(n, options["BLOCK_N"]),)
         _linear_act_kernel[grid](
-            x2, weight, bias if bias is not None else weight, residual2, out,
+            x2, weight, bias.contiguous() if bias is not None else weight, residual2, out,
             m, n, k, x2.stride(0), weight.stride(0), weight.stride(1),
             residual2.stride(0), out.stride(0), **options)
     return out.view(out_shape)

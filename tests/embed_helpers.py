@@ -146,6 +146,8 @@ def assert_rows_equal(actual, expected, atol, name="rows"):
     assert set(actual) == set(expected), (
         f"{name}: missing {sorted(set(expected) - set(actual))[:5]}, "
         f"unexpected {sorted(set(actual) - set(expected))[:5]}")
+    not_finite = [key for key in actual if not np.isfinite(actual[key]).all()]
+    assert not not_finite, f"{name}: rows with NaN or infinity: {not_finite[:5]}"
     worst = max(((key, int(np.abs(actual[key].astype(np.float64) - expected[key]).argmax()))
                  for key in expected),
                 key=lambda place: abs(float(actual[place[0]][place[1]])

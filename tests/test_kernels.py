@@ -187,6 +187,7 @@ def test_linear_act_residual_strides_and_no_bias(dtype):
     check_linear(stream[:, 1:, 32:128], weight, None, "quick_gelu", residual=stream[:, 1:])
     check_linear(stream[:, 0, :96], weight, randn(160, dtype=dtype), "none",
                  residual=randn(3, 160, dtype=dtype))
+    check_linear(stream[:, 0, :96], weight, randn(320, dtype=dtype)[::2], "gelu")  # strided bias
 
 
 def test_mlp_matches_reference():

@@ -222,6 +222,8 @@ def test_fine_tunes_a_loaded_model_on_a_caption_file(tmp_path, tiny_checkpoint):
     start = torch.load(tiny_checkpoint, weights_only=True)
     assert tuned["visual.conv1.weight"].dtype == torch.float16
     assert not torch.equal(tuned["visual.proj"].float(), start["visual.proj"].half().float())
+    # Tokens absent from the captions keep their pretrained rows (no zeroed rows).
+    assert tuned["token_embedding.weight"].ne(0).any(dim=1).all()
     description = json.loads((tmp_path / "tuned.json").read_text())
     assert description["config"]["vision_width"] == TINY["vision_width"]
 

@@ -51,6 +51,10 @@ def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS):
     """
     if not data:
         raise InputError("empty file")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # PIL refuses images past its own limit inside Image.open: raise it to the one asked
+        # for (the header check below enforces max_pixels).
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -257,7 +257,8 @@ def _check_same_job(folder, plan, job):
         raise ValueError(
             f"--resume: the inputs or --shard-size differ from those of the job in "
             f"{folder.root}; resume with the same inputs and options, or use a new folder.")
-    for setting in ("model", "model_dtype", "dtype", "normalized", "backend", "gpu_decode"):
+    for setting in ("model", "model_dtype", "dtype", "normalized", "backend", "gpu_decode",
+                    "max_pixels", "image_keys", "caption_key"):
         if recorded["job"].get(setting) != job[setting]:
             raise ValueError(
                 f"--resume: the job in {folder.root} was run with {setting}="
@@ -370,6 +371,8 @@ def embed(output, images=(), texts=(), model="ViT-B/32", batch_size=256, num_wor
         "model": os.path.abspath(model) if os.path.isfile(model) else model,
         "backend": clip_model.backend, "model_dtype": str(clip_model.dtype).split(".")[-1],
         "dtype": dtype, "normalized": bool(normalize), "gpu_decode": bool(gpu_decode),
+        # These decide which inputs fail: a resumed job must apply the same rules.
+        "max_pixels": int(max_pixels), "image_keys": list(image_keys), "caption_key": caption_key,
         "embed_dim": clip_model.text_projection.shape[1],
         "images": images, "texts": texts, "shard_size": shard_size,
         "fastclip_version": __version__,
