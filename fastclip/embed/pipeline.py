@@ -226,16 +226,25 @@ def default_device():
 def prepare_output(folder, plan, job, resume, rank):
     """Check the output folder and record the plan. Rank 0 decides; other ranks wait for its
     plan (at a barrier when a process group exists, else by watching for the file)."""
+    import torch.distributed as dist
+    grouped = dist.is_available() and dist.is_initialized()
+    alone = int(os.environ.get("WORLD_SIZE", 1)) == 1
     if rank == 0:
         check_output_is_free(folder, resume)
         if resume and os.path.exists(folder.plan_path):
             _check_same_job(folder, plan, job)
         folder.make_folders(plan.embed_images, plan.embed_texts)
-        folder.remove_temporaries()
+        # A killed run's temporary files are inert (readers open only final names). They are
+        # deleted only while no other rank can be writing: alone, or before the barrier.
+        # Without a process group, ranks on a resumed job start at once, so they stay.
+        if alone or grouped:
+            folder.remove_temporaries()
         write_json(folder.plan_path, {"fingerprint": plan.fingerprint,
                                       "chunks": len(plan.chunks), "job": job})
     if not barrier() and rank != 0:
         _wait_for_plan(folder, plan)
+    if rank != 0 and resume:
+        _check_same_job(folder, plan, job)  # every rank refuses a resume with other settings
 
 
 def check_output_is_free(folder, resume):
