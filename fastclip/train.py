@@ -359,10 +359,9 @@ def add_arguments(parser):
     run.add_argument("--threads", type=int, default=0,
                      help="CPU threads (default: torch's choice); on a CPU shared with other "
                           "jobs, 1 thread avoids threads waiting on each other")
-    # The Triton kernels are forward-only (no backward): training runs these two.
-    run.add_argument("--backend", default="torch", choices=["torch", "reference"],
-                     help="fastclip backend for training (default torch; the Triton kernels "
-                          "have no backward)")
+    run.add_argument("--backend", default="torch", choices=["torch", "triton", "reference"],
+                     help="fastclip backend for training (default torch; triton's backward "
+                          "recomputes the reference, unfused)")
     out = parser.add_argument_group("output")
     out.add_argument("--checkpoint", metavar="PATH",
                      help="where to save resumable checkpoints")

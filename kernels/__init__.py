@@ -11,6 +11,7 @@ from .attention import attention
 from .common import INTERPRETED
 from .layer_norm import add_layer_norm, layer_norm
 from .linear import linear_act, mlp
+from . import autograd  # noqa: E402,F401  (registers the ops' backward passes)
 
 __all__ = ["INTERPRETED", "add_layer_norm", "attention", "check_backend_device", "layer_norm",
            "linear_act", "mlp"]
