@@ -10,7 +10,7 @@ it faster than OpenAI's Python loop:
   best-ranked pair at once (``SimpleTokenizer._bpe_batch``), and ``tokenize`` fills its
   tensor from the flat ids without a Python loop over texts;
 - a few words (``encode`` of one short text) take the Python merge loop
-  (``SimpleTokenizer.bpe``) with a cache of words, cheaper than numpy's per-call overhead.
+  (``SimpleTokenizer._word_ids``) with a cache of words, cheaper than numpy's per-call overhead.
 """
 
 import gzip
