@@ -1,16 +1,17 @@
 """The one place that decides which implementation computes each operation.
 
-The model's blocks call ``self.ops.layer_norm(...)``, ``self.ops.attention(...)``,
-``self.ops.mlp(...)`` and ``self.ops.attention_pool2d(...)``; ``self.ops`` is a
-:class:`Backend`, set on every block by ``CLIP.set_backend``. The model never branches on
-backends itself.
+The model's blocks call ``self.ops.linear(...)``, ``self.ops.layer_norm(...)``,
+``self.ops.attention(...)``, ``self.ops.mlp(...)`` and ``self.ops.attention_pool2d(...)``;
+``self.ops`` is a :class:`Backend`, set on every block by ``CLIP.set_backend``. The model
+never branches on backends itself.
 
 Backends:
 
 - ``reference``: OpenAI's math in plain PyTorch (``fastclip.reference``), what every kernel
   is tested against.
-- ``torch``: the fastest path that needs no Triton: ``F.scaled_dot_product_attention`` and
-  PyTorch ops.
+- ``torch``: the fastest path that needs no Triton: ``F.scaled_dot_product_attention``,
+  PyTorch ops, and on the CPU oneDNN products on prepacked weights with the MLP's activation
+  and residual add fused in (``fastclip.cpu_linear``).
 - ``triton``: fused Triton kernels (``fastclip.kernels``); needs a CUDA device, or
   ``TRITON_INTERPRET=1`` to run on CPU tensors for testing.
 - ``auto``: ``triton`` on a CUDA device when Triton imports, else ``torch``.
@@ -26,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import attention_pool, reference
+from . import attention_pool, cpu_linear, reference
 
 BACKEND_NAMES = ("auto", "triton", "torch", "reference")
 
@@ -34,6 +35,7 @@ BACKEND_NAMES = ("auto", "triton", "torch", "reference")
 @dataclass(frozen=True)
 class Backend:
     name: str
+    linear: Callable
     layer_norm: Callable
     add_layer_norm: Callable
     attention: Callable
@@ -60,15 +62,21 @@ def _add_layer_norm(x, residual, weight, bias, eps):
     return total, _layer_norm(total, weight, bias, eps)
 
 
-def _mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation):
-    """``reference.mlp``, with QuickGELU computed in place when no gradient is recorded: the
-    hidden layer is the block's largest tensor, and each buffer fewer is a pass fewer."""
+def _mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):
+    """``reference.mlp``. On the CPU without a gradient: oneDNN on packed weights with the
+    activation and the residual add fused into the products (``fastclip.cpu_linear``).
+    Elsewhere QuickGELU is computed in place when no gradient is recorded: the hidden layer is
+    the block's largest tensor, and each buffer fewer is a pass fewer."""
+    out = cpu_linear.mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+    if out is not None:
+        return out
     hidden = F.linear(x, fc_weight, fc_bias)
     if activation == "quick_gelu" and not (torch.is_grad_enabled() and hidden.requires_grad):
         hidden = hidden.mul_(torch.sigmoid_(hidden * 1.702))
     else:
         hidden = reference.ACTIVATIONS[activation](hidden)
-    return F.linear(hidden, proj_weight, proj_bias)
+    out = F.linear(hidden, proj_weight, proj_bias)
+    return out if residual is None else residual + out
 
 
 def _sdpa_attention(qkv, heads, causal):
@@ -78,6 +86,7 @@ def _sdpa_attention(qkv, heads, causal):
 
 REFERENCE = Backend(
     name="reference",
+    linear=F.linear,
     layer_norm=reference.layer_norm,
     add_layer_norm=reference.add_layer_norm,
     attention=reference.attention,
@@ -87,6 +96,7 @@ REFERENCE = Backend(
 
 TORCH = Backend(
     name="torch",
+    linear=cpu_linear.linear,
     layer_norm=_layer_norm,
     add_layer_norm=_add_layer_norm,
     attention=_sdpa_attention,
@@ -111,6 +121,7 @@ def _triton_backend(device=None):
         kernels.check_backend_device(device)
     return Backend(
         name="triton",
+        linear=F.linear,
         layer_norm=kernels.layer_norm,
         add_layer_norm=kernels.add_layer_norm,
         attention=kernels.attention,

@@ -153,8 +153,9 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x, causal=False):
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        return self.out_proj(self.ops.attention(qkv, self.n_head, causal))
+        qkv = self.ops.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return self.ops.linear(self.ops.attention(qkv, self.n_head, causal),
+                               self.out_proj.weight, self.out_proj.bias)
 
 
 class MLP(nn.Module):
@@ -168,9 +169,11 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(d_model * 4, d_model)
         self.activation = "quick_gelu" if quick_gelu else "gelu"
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """``c_proj(gelu(c_fc(x)))``, plus ``residual`` when given (added in the product's
+        epilogue where the backend can)."""
         return self.ops.mlp(x, self.c_fc.weight, self.c_fc.bias,
-                            self.c_proj.weight, self.c_proj.bias, self.activation)
+                            self.c_proj.weight, self.c_proj.bias, self.activation, residual)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -184,7 +187,7 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x):
         x, normed = self.ln_2.add_and_norm(x, self.attn(self.ln_1(x), self.causal))
-        return x + self.mlp(normed)
+        return self.mlp(normed, residual=x)
 
 
 class Transformer(nn.Module):

@@ -65,10 +65,12 @@ def attention(qkv, heads, causal):
     return merge_heads(probs @ v)
 
 
-def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation):
-    """Linear -> activation -> Linear, the transformer block's feed-forward network."""
+def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):
+    """Linear -> activation -> Linear, the transformer block's feed-forward network, plus
+    ``residual`` (the block's input) when given."""
     hidden = ACTIVATIONS[activation](F.linear(x, fc_weight, fc_bias))
-    return F.linear(hidden, proj_weight, proj_bias)
+    out = F.linear(hidden, proj_weight, proj_bias)
+    return out if residual is None else residual + out
 
 
 def attention_pool2d_tokens(x, positional_embedding):

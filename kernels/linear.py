@@ -149,8 +149,10 @@ def _(x, weight, bias, activation, residual=None):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation):
-    """The transformer block's MLP: ``c_fc`` with its activation fused in one kernel, then
-    ``c_proj`` through PyTorch's linear (cuBLAS), which a Triton matmul does not beat."""
+def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):
+    """The transformer block's MLP (plus ``residual``, when given): ``c_fc`` with its
+    activation fused in one kernel, then ``c_proj`` through PyTorch's linear (cuBLAS), which a
+    Triton matmul does not beat."""
     hidden = linear_act(x, fc_weight, fc_bias, activation)
-    return torch.nn.functional.linear(hidden, proj_weight, proj_bias)
+    out = torch.nn.functional.linear(hidden, proj_weight, proj_bias)
+    return out if residual is None else residual + out

@@ -1,0 +1,258 @@
+"""The CPU path on prepacked oneDNN weights (``fastclip.cpu_linear``) against the reference.
+
+Tolerances follow flash-attention's rule: the error against a float64 reference is at most
+twice PyTorch's own error in the same dtype, plus a few units of the dtype's rounding. The
+cache tests change weights every way a user does and check the next result follows.
+"""
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastclip
+from fastclip import cpu_linear, reference
+from fastclip.model import convert_weights
+
+from numerics import assert_close_relative, cosine, worst_element
+
+pytestmark = pytest.mark.skipif(not cpu_linear.enabled(),
+                                reason="this PyTorch has no oneDNN (mkldnn) CPU ops")
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if torch.bfloat16 in cpu_linear._DTYPES else [])
+EPSILON = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8}
+
+
+def assert_flash_rule(actual, expected, torch_actual, name):
+    """max |actual - expected| <= 2 max |torch_actual - expected| + epsilon * magnitude."""
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == torch_actual.dtype, f"{name}: dtype {actual.dtype}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = max(1.0, expected.abs().max().item())
+    torch_error = (torch_actual.double() - expected).abs().max().item()
+    bound = 2 * torch_error + EPSILON[actual.dtype] * scale
+    index, got, want, error = worst_element(actual, expected)
+    assert error <= bound, (
+        f"{name}: worst element at {index}: {got} vs float64 reference {want} (error "
+        f"{error:.3e} > bound {bound:.3e} = 2 x PyTorch's {actual.dtype} error "
+        f"{torch_error:.3e} + epsilon)")
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, generator=None):
+    return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+
+def make_mlp(width, dtype, generator):
+    return (randn(4 * width, width, dtype=dtype, scale=width ** -0.5, generator=generator),
+            randn(4 * width, dtype=dtype, scale=0.1, generator=generator),
+            randn(width, 4 * width, dtype=dtype, scale=(4 * width) ** -0.5, generator=generator),
+            randn(width, dtype=dtype, scale=0.1, generator=generator))
+
+
+def as_double(args):
+    return [a.double() if torch.is_tensor(a) else a for a in args]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 50), (3, 77), (2, 197), (1, 257), (5,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_reference(shape, dtype, bias):
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = randn(*shape, 96, dtype=dtype, generator=generator)
+    weight = randn(288, 96, dtype=dtype, scale=96 ** -0.5, generator=generator)
+    b = randn(288, dtype=dtype, generator=generator) if bias else None
+    with torch.no_grad():
+        actual = cpu_linear.linear(x, weight, b)
+        expected = F.linear(*as_double([x, weight, b]))
+        assert_flash_rule(actual, expected, F.linear(x, weight, b), f"linear {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_takes_strided_inputs(dtype):
+    """A transposed activation, a weight that is a slice of a larger one, a strided bias."""
+    generator = torch.Generator().manual_seed(3)
+    x = randn(50, 3, 64, dtype=dtype, generator=generator).transpose(0, 1)
+    big = randn(256, 128, dtype=dtype, scale=0.1, generator=generator)
+    weight = big[::2, 32:96]
+    b = randn(256, dtype=dtype, generator=generator)[::2]
+    assert not (x.is_contiguous() or weight.is_contiguous() or b.is_contiguous())
+    with torch.no_grad():
+        actual = cpu_linear.linear(x, weight, b)
+        expected = F.linear(*as_double([x, weight, b]))
+        assert_flash_rule(actual, expected, F.linear(x, weight, b), f"strided linear {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("length", [1, 50, 77, 197, 257])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_mlp_matches_reference(activation, length, dtype, with_residual):
+    generator = torch.Generator().manual_seed(length)
+    width = 64
+    batch = 1 if length > 100 else 2
+    x = randn(batch, length, width, dtype=dtype, generator=generator)
+    residual = randn(batch, length, width, dtype=dtype, generator=generator) \
+        if with_residual else None
+    args = make_mlp(width, dtype, generator) + (activation,)
+    with torch.no_grad():
+        actual = cpu_linear.mlp(x, *args, residual)
+        assert actual is not None, "the packed path should apply to CPU tensors without grad"
+        expected = reference.mlp(x.double(), *as_double(args),
+                                 residual.double() if with_residual else None)
+        assert_flash_rule(actual, expected, reference.mlp(x, *args, residual),
+                          f"mlp {activation} L={length} {dtype}")
+
+
+def test_linear_add_matches_reference():
+    generator = torch.Generator().manual_seed(5)
+    x = randn(2, 77, 64, generator=generator)
+    weight = randn(32, 64, scale=0.125, generator=generator)
+    b = randn(32, generator=generator)
+    residual = randn(2, 77, 32, generator=generator)
+    with torch.no_grad():
+        actual = cpu_linear.linear_add(x, weight, b, residual)
+        expected = residual.double() + F.linear(*as_double([x, weight, b]))
+        assert_flash_rule(actual, expected, residual + F.linear(x, weight, b), "linear_add")
+        # A residual that would broadcast is not fused, but still added.
+        row = randn(32, generator=generator)
+        assert_close_relative(cpu_linear.linear_add(x, weight, b, row),
+                              row + F.linear(x, weight, b), 1e-6)
+
+
+def test_gradients_take_the_plain_path():
+    """With autograd recording, the products are F.linear's, and gradients are right."""
+    generator = torch.Generator().manual_seed(6)
+    x = randn(2, 7, 32, generator=generator).requires_grad_()
+    args = [a.requires_grad_() for a in make_mlp(32, torch.float32, generator)]
+    assert cpu_linear.mlp(x, *args, "quick_gelu") is None
+    out = fastclip.backends.TORCH.mlp(x, *args, "quick_gelu")
+    out.square().sum().backward()
+    grads = [x.grad] + [a.grad for a in args]
+    x2 = x.detach().double().requires_grad_()
+    args2 = [a.detach().double().requires_grad_() for a in args]
+    reference.mlp(x2, *args2, "quick_gelu").square().sum().backward()
+    for name, got, want in zip(["x", "fc_w", "fc_b", "proj_w", "proj_b"], grads,
+                               [x2.grad] + [a.grad for a in args2]):
+        assert_close_relative(got, want, 1e-5, f"grad {name}")
+
+
+def test_unsupported_inputs_fall_back():
+    weight = torch.randn(8, 4)
+    assert not cpu_linear.usable(torch.randn(3, 4, dtype=torch.float64), weight.double())
+    assert not cpu_linear.usable(torch.randn(3, 4, dtype=torch.float16), weight.half())
+    assert not cpu_linear.usable(torch.randn(3, 4), weight.double())  # mixed dtypes
+    assert not cpu_linear.usable(torch.randn(4), weight)  # a vector
+    with torch.no_grad():
+        assert cpu_linear.usable(torch.randn(3, 4), weight)
+        # Results are still right where the path does not apply.
+        x = torch.randn(3, 4, dtype=torch.float64)
+        assert torch.equal(cpu_linear.linear(x, weight.double()), F.linear(x, weight.double()))
+
+
+def test_switched_off(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "_ENABLED", False)
+    with torch.no_grad():
+        assert not cpu_linear.usable(torch.randn(3, 4), torch.randn(8, 4))
+        assert cpu_linear.mlp(torch.randn(3, 4), *make_mlp(4, torch.float32, None),
+                              "quick_gelu") is None
+
+
+def small_vit(**overrides):
+    config = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                  vision_patch_size=8, context_length=16, vocab_size=49408,
+                  transformer_width=64, transformer_heads=1, transformer_layers=2)
+    config.update(overrides)
+    torch.manual_seed(7)
+    return fastclip.CLIP(**config).eval().set_backend("torch")
+
+
+def encode(model, images):
+    with torch.no_grad():
+        return model.encode_image(images)
+
+
+def test_cache_follows_load_state_dict():
+    model = small_vit()
+    other = small_vit()
+    for param in other.parameters():
+        param.data.normal_(0, 0.05)
+    images = torch.randn(2, 3, 32, 32)
+    encode(model, images)  # fills the cache
+    model.load_state_dict(other.state_dict())
+    assert_close_relative(encode(model, images),
+                          encode(other.set_backend("reference"), images), 1e-5)
+
+
+def test_cache_follows_in_place_updates_and_training():
+    model = small_vit()
+    images = torch.randn(2, 3, 32, 32)
+    before = encode(model, images)
+    with torch.no_grad():
+        model.visual.transformer.resblocks[0].mlp.c_fc.weight.mul_(2)
+    after = encode(model, images)
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert_close_relative(after, encode(model.set_backend("reference"), images), 1e-5)
+
+    model.set_backend("torch").train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.encode_image(images).square().sum().backward()
+    optimizer.step()
+    model.eval()
+    assert_close_relative(encode(model, images),
+                          encode(model.set_backend("reference"), images), 1e-5)
+
+
+def test_cache_follows_dtype_round_trips():
+    """fp32 -> bf16 -> fp32 gives new storages (maybe at old addresses) of the same shapes."""
+    model = small_vit()
+    images = torch.randn(2, 3, 32, 32)
+    first = encode(model, images)
+    for dtype in DTYPES[1:]:
+        half = encode(convert_weights(model, dtype), images)
+        assert half.dtype == dtype
+        assert cosine(half.float(), first).min() > 0.999
+    model.float()  # the weights are now bf16-rounded: a stale fp32 copy would differ by 1e-3
+    assert_close_relative(encode(model, images),
+                          encode(model.set_backend("reference"), images), 1e-5)
+    model.set_backend("torch")
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data * 0.5  # replaced, not written in place
+    assert_close_relative(encode(model, images),
+                          encode(model.set_backend("reference"), images), 1e-5)
+
+
+def test_writes_through_data_need_clear_cache():
+    """Documented: ``.data`` writes bypass the version counter; clear_cache() picks them up."""
+    model = small_vit()
+    images = torch.randn(2, 3, 32, 32)
+    encode(model, images)
+    for param in model.parameters():
+        param.data.mul_(1.5)
+    cpu_linear.clear_cache()
+    assert_close_relative(encode(model, images),
+                          encode(model.set_backend("reference"), images), 1e-5)
+
+
+def test_cache_lets_weights_go():
+    model = small_vit()
+    encode(model, torch.randn(1, 3, 32, 32))
+    count = len(cpu_linear._CACHE)
+    assert count >= 4 * 2  # in_proj, out_proj, c_fc, c_proj of each visual block
+    del model
+    gc.collect()
+    assert len(cpu_linear._CACHE) <= count - 8
+
+
+@pytest.mark.skipif(torch.bfloat16 not in DTYPES, reason="no oneDNN bf16 on this CPU")
+def test_bf16_vit_close_to_fp32():
+    """The bf16 model on the packed path (QuickGELU folded into the weights) stays close."""
+    model = small_vit(vision_layers=4)
+    images = torch.randn(4, 3, 32, 32)
+    texts = fastclip.tokenize(["a photo", "a red square", "two cats", "x"], context_length=16)
+    with torch.no_grad():
+        image32, text32 = model.encode_image(images), model.encode_text(texts)
+        half = convert_weights(model, torch.bfloat16)
+        assert cosine(half.encode_image(images).float(), image32).min() > 0.999
+        assert cosine(half.encode_text(texts).float(), text32).min() > 0.999
