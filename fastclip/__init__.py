@@ -21,9 +21,11 @@ __all__ = [
 def info():
     """What this installation runs: versions, devices, the backend ``auto`` picks, and
     whether the compiled extension ``fastclip._C`` is loaded (else attention pooling runs
-    its PyTorch fallback)."""
+    its PyTorch fallback), and the dtypes whose CPU linear layers run on prepacked oneDNN
+    weights (``fastclip.cpu_linear``; empty when oneDNN is absent or switched off)."""
     import torch
 
+    from . import cpu_linear
     from .attention_pool import extension_info
     from .backends import get_backend as resolve
 
@@ -41,4 +43,5 @@ def info():
         "default_device": device,
         "auto_backend": resolve("auto", device).name,
         "extension": extension_info(),
+        "cpu_prepacked_linear": cpu_linear.dtype_names(),
     }

@@ -15,7 +15,8 @@ the same function with its activation in the first product's epilogue.
 The reordered copies are cached per weight tensor (the weights are held weakly: a cached copy
 goes when its weight goes) and rebuilt when the weight is replaced or changed in place
 (its version counter moves, or its storage is not the one the copy was made from). Writes
-through ``weight.data`` bypass the version counter; call :func:`clear_cache` after them.
+through ``weight.data``, and in-place writes to weights made under ``torch.inference_mode``
+(which have no version counter), are not seen; call :func:`clear_cache` after them.
 The copies cost one more copy of each transformer weight in memory; setting the environment
 variable ``FASTCLIP_CPU_PREPACK=0`` turns the path off.
 """
@@ -59,6 +60,11 @@ def enabled():
     return _ENABLED and _OP_AVAILABLE and torch.backends.mkldnn.enabled
 
 
+def dtype_names():
+    """The dtypes whose CPU products take the packed path here (none when not :func:`enabled`)."""
+    return [str(dtype).removeprefix("torch.") for dtype in _DTYPES] if enabled() else []
+
+
 def usable(x, *tensors):
     """Whether ``x`` times the weights in ``tensors`` can take the packed path: CPU tensors of
     one supported dtype, no gradient to record, not being traced by ``torch.compile``."""
@@ -80,7 +86,9 @@ def usable(x, *tensors):
 
 
 def _stamp(weight):
-    return (weight._version, weight.untyped_storage(), weight.dtype, weight.storage_offset(),
+    # Inference tensors (made under torch.inference_mode) have no version counter; they
+    # can only be written in place inside inference mode, which clear_cache() must follow.
+    return (None if weight.is_inference() else weight._version, weight.untyped_storage(), weight.dtype, weight.storage_offset(),
             weight.shape, weight.stride())
 
 

@@ -151,7 +151,9 @@ def test_unsupported_inputs_fall_back():
 
 
 def test_switched_off(monkeypatch):
+    assert "float32" in fastclip.info()["cpu_prepacked_linear"]
     monkeypatch.setattr(cpu_linear, "_ENABLED", False)
+    assert fastclip.info()["cpu_prepacked_linear"] == []
     with torch.no_grad():
         assert not cpu_linear.usable(torch.randn(3, 4), torch.randn(8, 4))
         assert cpu_linear.mlp(torch.randn(3, 4), *make_mlp(4, torch.float32, None),
@@ -233,6 +235,21 @@ def test_writes_through_data_need_clear_cache():
     cpu_linear.clear_cache()
     assert_close_relative(encode(model, images),
                           encode(model.set_backend("reference"), images), 1e-5)
+
+
+def test_weights_made_under_inference_mode():
+    """Weights converted inside inference_mode are inference tensors, without a version
+    counter: the packed path still runs, and follows replaced weights."""
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        model = small_vit()
+        for dtype in DTYPES:
+            model = convert_weights(model, dtype)
+            assert model.visual.transformer.resblocks[0].mlp.c_fc.weight.is_inference()
+            assert cosine(model.encode_image(images).float(),
+                          model.set_backend("reference").encode_image(images).float()
+                          ).min() > 0.9999
+            model.set_backend("torch")
 
 
 def test_cache_lets_weights_go():
