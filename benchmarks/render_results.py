@@ -1,5 +1,6 @@
-"""Render pytest-benchmark JSON written by ``bench_models.py`` and ``bench_tokenizer.py`` into
-a markdown table and a PNG plot, for the README's performance section.
+"""Render pytest-benchmark JSON written by ``bench_models.py``, ``bench_tokenizer.py`` and
+``bench_cpu_ops.py`` into a markdown table and a PNG plot, for the README's performance
+section.
 
     python benchmarks/render_results.py benchmarks/results/models_cpu.json \\
         benchmarks/results/tokenizer_cpu.json --output benchmarks/results/performance_cpu
@@ -29,6 +30,9 @@ def load_comparisons(paths):
 
 
 def case_name(info):
+    if info.get("task") == "cpu-op":
+        return (f"{info['op']} ({info['tower']} shape, batch {info['batch']}), "
+                f"{info['dtype']}, tokens/s")
     if info.get("task") == "tokenize":
         return f"tokenize, {info['captions']:,} captions of unseen words"
     return f"{info['model']} {info['task']}, batch {info['batch']}, {info['dtype']}"
@@ -97,8 +101,13 @@ def main(argv=None):
     parser.add_argument("--output", required=True,
                         help="path without extension: writes <output>.md and <output>.png")
     parser.add_argument("--no-plot", action="store_true", help="write the markdown table only")
+    parser.add_argument("--task", action="append",
+                        help="render only comparisons of this task (image, text, tokenize, "
+                             "cpu-op); repeat for several; default: all")
     args = parser.parse_args(argv)
     machine, comparisons = load_comparisons(args.json)
+    if args.task:
+        comparisons = [info for info in comparisons if info.get("task") in args.task]
     if not comparisons:
         raise SystemExit(f"No comparisons (extra_info.items_per_second) in {args.json}.")
     with open(f"{args.output}.md", "w") as f:

@@ -1,11 +1,12 @@
 """Linear layers for CPU inference, on weights reordered once into oneDNN's blocked layout.
 
 ``F.linear`` on the CPU hands the BLAS the weight in its plain layout on every call, and the
-BLAS reorders it as it goes; oneDNN's ``mkldnn::_linear_pointwise`` takes a weight reordered
-once (``mkldnn::_reorder_linear_weight``, the op PyTorch's own CPU compiler uses when it
-freezes weights) and can apply an activation to the product before writing it. The ``torch``
-backend routes a transformer's linear layers here when they run on the CPU without a
-gradient; the results match ``F.linear`` to the rounding of the product's order.
+BLAS packs it into blocks as it goes; oneDNN's ``mkldnn::_linear_pointwise`` takes a weight
+reordered once (``mkldnn::_reorder_linear_weight``, the op PyTorch's own CPU compiler uses
+when it freezes weights) and can apply an activation, or add a residual, to the product
+before writing it. The ``torch`` backend routes a transformer's linear layers here when they
+run on the CPU without a gradient; the results match ``F.linear`` to the rounding of the
+product's order.
 
 QuickGELU is ``z * sigmoid(1.702 z)``; oneDNN's fused ``swish`` is ``u * sigmoid(u)``. With
 ``u = 1.702 z``, ``swish(u) = 1.702 QuickGELU(z)``: so the hidden layer's weight and bias are
@@ -150,15 +151,6 @@ def linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(
         x, packed_weight(weight), _contiguous(bias), "none", [], "")
-
-
-def linear_add(x, weight, bias, residual):
-    """``residual + F.linear(x, weight, bias)``, the addition fused into the product."""
-    if (not usable(x, weight, bias, residual)
-            or residual.shape != x.shape[:-1] + weight.shape[:1]):
-        return residual + F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise.binary(
-        x, residual.contiguous(), packed_weight(weight), _contiguous(bias), "add")
 
 
 def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):

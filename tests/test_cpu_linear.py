@@ -104,22 +104,6 @@ def test_mlp_matches_reference(activation, length, dtype, with_residual):
                           f"mlp {activation} L={length} {dtype}")
 
 
-def test_linear_add_matches_reference():
-    generator = torch.Generator().manual_seed(5)
-    x = randn(2, 77, 64, generator=generator)
-    weight = randn(32, 64, scale=0.125, generator=generator)
-    b = randn(32, generator=generator)
-    residual = randn(2, 77, 32, generator=generator)
-    with torch.no_grad():
-        actual = cpu_linear.linear_add(x, weight, b, residual)
-        expected = residual.double() + F.linear(*as_double([x, weight, b]))
-        assert_flash_rule(actual, expected, residual + F.linear(x, weight, b), "linear_add")
-        # A residual that would broadcast is not fused, but still added.
-        row = randn(32, generator=generator)
-        assert_close_relative(cpu_linear.linear_add(x, weight, b, row),
-                              row + F.linear(x, weight, b), 1e-6)
-
-
 def test_gradients_take_the_plain_path():
     """With autograd recording, the products are F.linear's, and gradients are right."""
     generator = torch.Generator().manual_seed(6)
