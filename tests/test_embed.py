@@ -110,6 +110,61 @@ def test_worker_processes_give_the_same_rows_as_the_main_process(tmp_path, model
     assert_rows_equal(read_output(tmp_path / "out"), image_rows(model, paths), FP32_ATOL)
 
 
+def test_one_shard_is_decoded_by_every_worker_in_input_order(tmp_path, model, monkeypatch):
+    """A job of one shard still uses several decoding workers (pieces of batch_size inputs);
+    the shard's rows come out in input order, corrupt files between them, and an input count
+    that is a multiple of the batch size leaves no empty piece behind."""
+    from fastclip.embed import pipeline
+
+    good = write_images(tmp_path / "images", 8, nested=False)
+    corrupt = list(write_corrupt_files(tmp_path / "images" / "z_bad"))
+    listing = tmp_path / "list.txt"
+    order = [good[0], corrupt[0], *good[1:5], corrupt[1], *good[5:], *corrupt[2:]]
+    listing.write_text("\n".join(order) + "\n")
+    used = []
+    loader = pipeline.DataLoader
+
+    def recording_loader(dataset, **options):
+        used.append((len(dataset.units()), options["num_workers"]))
+        return loader(dataset, **options)
+
+    monkeypatch.setattr(pipeline, "DataLoader", recording_loader)
+    run(tmp_path / "out", tiny_checkpoint(), images=[str(listing)], num_workers=3,
+        shard_size=100, batch_size=3)
+    assert used == [(4, 3)]  # 12 inputs in pieces of 3, on 3 workers
+    out = tmp_path / "out"
+    keys = pq.read_table(out / "metadata" / "metadata_0.parquet").column("key").to_pylist()
+    assert keys == good
+    assert_rows_equal(read_output(out), image_rows(model, good), FP32_ATOL)
+    assert set(read_failures(out)) == set(corrupt)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["inputs"] == 12 and manifest["counts"]["rows"] == 8
+
+
+def test_writer_puts_pieces_back_in_order(tmp_path):
+    """Pieces of a chunk may arrive in any order (the last one first); the shard is written
+    once all are in, in piece order."""
+    from fastclip.embed.writer import ShardWriter
+
+    folder = OutputFolder(str(tmp_path / "out"), 1)
+    folder.make_folders(True, False)
+    writer = ShardWriter(folder, ("key",))
+    pieces = {i: torch.arange(2 * i, 2 * i + 2, dtype=torch.float32)[:, None].repeat(1, 4)
+              for i in range(3)}
+    for piece in (2, 0, 1):
+        writer.submit({"chunk": 0, "piece": piece, "last": piece == 2, "inputs": 2,
+                       "rows": [{"key": f"k{2 * piece}"}, {"key": f"k{2 * piece + 1}"}],
+                       "failures": [], "image": (pieces[piece], None), "text": None})
+        if piece != 1:
+            assert not folder.done_indices()  # not complete yet
+    writer.close()
+    assert folder.done_indices() == {0}
+    embeddings = np.load(tmp_path / "out" / "img_emb" / "img_emb_0.npy")
+    assert embeddings[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    keys = pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet").column("key")
+    assert keys.to_pylist() == [f"k{i}" for i in range(6)]
+
+
 def test_tar_shards_with_captions_and_a_truncated_shard(tmp_path, model):
     shards = tmp_path / "shards"
     shards.mkdir()

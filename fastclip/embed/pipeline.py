@@ -1,9 +1,11 @@
 """The embedding loop: DataLoader workers decode and preprocess, the model embeds, a
 background thread writes.
 
-- Decoding, preprocessing and tokenizing run in DataLoader worker processes. Each worker
-  takes whole chunks and yields batches of one chunk, so a chunk's rows stay in input order
-  and the writer knows when a chunk is complete (its ``last`` batch).
+- Decoding, preprocessing and tokenizing run in DataLoader worker processes, which take
+  the job's units in turn: pieces of ``batch_size`` inputs of a listed chunk, or a whole tar
+  shard. Every batch carries its chunk and its piece number there, and the last one of a
+  chunk says so, so the writer puts a chunk's rows back in input order and knows when the
+  chunk is complete, whichever workers made its pieces.
 - On CUDA, batches arrive in pinned memory and are copied to the device on a side stream
   one batch ahead, so the copy of batch i+1 overlaps the compute of batch i; embeddings go
   back with non-blocking copies that the writer thread waits for, so the main thread keeps
@@ -52,33 +54,61 @@ class EmbedDataset(IterableDataset):
         self.caption_key = caption_key
         self.device_decode = device_decode
 
+    def units(self):
+        """The work of the job as ``(chunk, start, stop)`` units, dealt to the workers in
+        turn: a listed chunk is cut into pieces of ``batch_size`` inputs (one batch each), so
+        that every worker helps even when the job has fewer chunks than workers; a tar shard
+        is one unit (``start`` is None), read in a single pass."""
+        units = []
+        for chunk in self.chunks:
+            if chunk.tar_path is not None:
+                units.append((chunk, None, None))
+            else:
+                size = len(chunk.items)
+                units.extend((chunk, start, min(start + self.batch_size, size))
+                             for start in range(0, max(size, 1), self.batch_size))
+        return units
+
     def __iter__(self):
         worker = get_worker_info()
-        chunks = self.chunks if worker is None else self.chunks[worker.id::worker.num_workers]
-        for chunk in chunks:
-            yield from self._batches(chunk)
+        units = self.units()
+        if worker is not None:
+            units = units[worker.id::worker.num_workers]
+        for chunk, start, stop in units:
+            if start is None:
+                yield from self._batches(chunk, self._samples(chunk))
+            else:
+                # A piece of a listed chunk: one batch, numbered by its place in the chunk.
+                piece = start // self.batch_size
+                yield from self._batches(
+                    chunk, self._listed_samples(chunk.items[start:stop]), first_piece=piece,
+                    last=stop == len(chunk.items))
 
-    def _batches(self, chunk):
+    def _batches(self, chunk, samples, first_piece=0, last=True):
+        """Batches of ``batch_size`` good rows from ``samples``; the final one says whether it
+        ends the chunk (``last``). Each batch carries its ``piece`` number in the chunk."""
         rows, images, failures, inputs = [], [], [], 0
-        for row, image, reason in self._samples(chunk):
+        piece = first_piece
+        for row, image, reason in samples:
+            if len(rows) == self.batch_size:  # full, and more input follows
+                yield self._batch(chunk, piece, rows, images, failures, inputs, last=False)
+                rows, images, failures, inputs = [], [], [], 0
+                piece += 1
             inputs += 1
             if reason is None:
                 rows.append(row)
                 images.append(image)
             else:
                 failures.append({"key": row["key"], "reason": reason, "shard": chunk.index})
-            if len(rows) == self.batch_size:
-                yield self._batch(chunk, rows, images, failures, inputs, last=False)
-                rows, images, failures, inputs = [], [], [], 0
-        yield self._batch(chunk, rows, images, failures, inputs, last=True)
+        yield self._batch(chunk, piece, rows, images, failures, inputs, last=last)
+
+    def _listed_samples(self, items):
+        for item in items:
+            yield self._sample(item.key, item.image_path, item.text,
+                               partial(decode.read_file, item.image_path, self.max_bytes))
 
     def _samples(self, chunk):
-        """``(row, image tensor, failure reason)`` for each input of ``chunk``."""
-        if chunk.tar_path is None:
-            for item in chunk.items:
-                yield self._sample(item.key, item.image_path, item.text,
-                                   partial(decode.read_file, item.image_path, self.max_bytes))
-            return
+        """``(row, image tensor, failure reason)`` for each sample of a tar shard."""
         try:
             for key, fields in decode.iter_webdataset(chunk.tar_path, self.max_bytes):
                 yield self._sample(f"{chunk.tar_path}:{key}", None,
@@ -104,7 +134,7 @@ class EmbedDataset(IterableDataset):
             return row, None, str(error)
         return row, image, None
 
-    def _batch(self, chunk, rows, images, failures, inputs, last):
+    def _batch(self, chunk, piece, rows, images, failures, inputs, last):
         jpegs = []
         if self.device_decode and self.embed_images:
             # Preprocessed images first, then the JPEG bytes for the device, rows in step.
@@ -115,7 +145,7 @@ class EmbedDataset(IterableDataset):
         texts = [row["caption"] for row in rows]
         has_rows = len(rows) > 0
         return {
-            "chunk": chunk.index, "last": last, "inputs": inputs, "rows": rows,
+            "chunk": chunk.index, "piece": piece, "last": last, "inputs": inputs, "rows": rows,
             "failures": failures, "jpegs": jpegs or None,
             "images": torch.stack(images) if self.embed_images and images else None,
             # Texts longer than the context are cut (and end with end-of-text), as
@@ -316,7 +346,8 @@ def embed_batches(model, batches, writer, normalize, dtype, bar, decode_on_devic
         for batch in batches:
             if batch["jpegs"]:
                 batch = decode_on_device(batch)
-            result = {k: batch[k] for k in ("chunk", "last", "inputs", "rows", "failures")}
+            result = {k: batch[k]
+                      for k in ("chunk", "piece", "last", "inputs", "rows", "failures")}
             result["image"] = result["text"] = None
             if batch["images"] is not None:
                 result["image"] = to_host(model.encode_image(batch["images"]), normalize, dtype)
@@ -396,7 +427,7 @@ def embed(output, images=(), texts=(), model="ViT-B/32", batch_size=256, num_wor
                            device_decode=gpu_decode)
     if num_workers is None:
         num_workers = default_num_workers(device)
-    num_workers = min(num_workers, len(chunks))
+    num_workers = min(num_workers, len(dataset.units()))
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                         pin_memory=device.type == "cuda",
                         worker_init_fn=_single_thread_worker if num_workers else None,

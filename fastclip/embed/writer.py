@@ -151,8 +151,9 @@ def _write_metadata(f, rows, columns):
 class ShardWriter:
     """Collects embedded batches per chunk and commits each chunk on a background thread,
     so that the model never waits for disk. ``submit`` takes a dict with ``chunk``,
-    ``last``, ``inputs``, ``rows``, ``failures`` and ``image``/``text``: each a host tensor
-    and a CUDA event (or None) that says when its copy from the device is complete."""
+    ``piece`` (the batch's place in its chunk, from 0), ``last`` (true on the chunk's final
+    piece), ``inputs``, ``rows``, ``failures`` and ``image``/``text``: each a host tensor and
+    a CUDA event (or None) that says when its copy from the device is complete."""
 
     def __init__(self, folder, columns, max_pending=16):
         self.folder = folder
@@ -188,21 +189,29 @@ class ShardWriter:
                     self.error = error
 
     def _add(self, result):
-        parts = self.pending.setdefault(
-            result["chunk"], {"image": [], "text": [], "rows": [], "failures": [], "inputs": 0})
-        for kind in ("image", "text"):
-            if result.get(kind) is not None:
-                parts[kind].append(_to_numpy(*result[kind]))
-        parts["rows"].extend(result["rows"])
-        parts["failures"].extend(result["failures"])
-        parts["inputs"] += result["inputs"]
+        """Keep a batch until its chunk is complete: every piece up to the ``last`` one,
+        which may arrive in any order; then commit the pieces in order."""
+        parts = self.pending.setdefault(result["chunk"], {"pieces": {}, "count": None})
+        parts["pieces"][result["piece"]] = {
+            "image": _to_numpy(*result["image"]) if result.get("image") is not None else None,
+            "text": _to_numpy(*result["text"]) if result.get("text") is not None else None,
+            "rows": result["rows"], "failures": result["failures"], "inputs": result["inputs"]}
         if result["last"]:
-            del self.pending[result["chunk"]]
-            self.folder.commit_chunk(
-                result["chunk"],
-                np.concatenate(parts["image"]) if parts["image"] else None,
-                np.concatenate(parts["text"]) if parts["text"] else None,
-                parts["rows"], parts["failures"], parts["inputs"], self.columns)
+            parts["count"] = result["piece"] + 1
+        if parts["count"] is None or len(parts["pieces"]) < parts["count"]:
+            return
+        del self.pending[result["chunk"]]
+        pieces = [parts["pieces"][i] for i in range(parts["count"])]
+
+        def joined(kind):
+            arrays = [piece[kind] for piece in pieces if piece[kind] is not None]
+            return np.concatenate(arrays) if arrays else None
+
+        self.folder.commit_chunk(
+            result["chunk"], joined("image"), joined("text"),
+            [row for piece in pieces for row in piece["rows"]],
+            [failure for piece in pieces for failure in piece["failures"]],
+            sum(piece["inputs"] for piece in pieces), self.columns)
 
 
 def _to_numpy(tensor, ready_event):
