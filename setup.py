@@ -18,7 +18,7 @@ import sys
 
 from setuptools import setup
 
-SOURCES = ["csrc/attention_pool.cpp"]
+SOURCES = ["csrc/attention_pool.cpp", "csrc/bpe.cpp"]
 CUDA_SOURCES = ["csrc/attention_pool_cuda.cu"]
 HEADERS = ["csrc/attention_pool.h"]  # rebuild when it changes; ship it in source archives
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100 and H100/H200 natively, newer GPUs through PTX

@@ -22,11 +22,13 @@ def info():
     """What this installation runs: versions, devices, the backend ``auto`` picks, and
     whether the compiled extension ``fastclip._C`` is loaded (else attention pooling runs
     its PyTorch fallback), and the dtypes whose CPU linear layers run on prepacked oneDNN
-    weights (``fastclip.cpu_linear``; empty when oneDNN is absent or switched off)."""
+    weights (``fastclip.cpu_linear``; empty when oneDNN is absent or switched off), and
+    whether the tokenizer merges with the compiled op (``native``) or numpy."""
     import torch
 
     from . import cpu_linear
     from .attention_pool import extension_info
+    from .tokenizer import get_tokenizer
     from .backends import get_backend as resolve
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,4 +46,5 @@ def info():
         "auto_backend": resolve("auto", device).name,
         "extension": extension_info(),
         "cpu_prepacked_linear": cpu_linear.dtype_names(),
+        "tokenizer_bpe": get_tokenizer().bpe_implementation,
     }

@@ -6,15 +6,18 @@ it faster than OpenAI's Python loop:
 
 - plain ASCII text (no ``&``, no control characters) is left unchanged by ftfy and
   ``html.unescape``, so it skips them;
-- the words of a batch are merged together, as arrays: each round applies every word's
-  best-ranked pair at once (``SimpleTokenizer._bpe_batch``), and ``tokenize`` fills its
-  tensor from the flat ids without a Python loop over texts;
+- the words of a batch are merged together: by the op ``fastclip::bpe`` of the compiled
+  extension ``fastclip._C`` (``csrc/bpe.cpp``, OpenAI's merge loop on ids), or where it is not
+  built by numpy array rounds that apply every word's best-ranked pair at once
+  (``SimpleTokenizer._bpe_batch_numpy``); ``tokenize`` fills its tensor from the flat ids
+  without a Python loop over texts;
 - a few words (``encode`` of one short text) take the Python merge loop
   (``SimpleTokenizer._word_ids``) with a cache of words, cheaper than numpy's per-call overhead.
 """
 
 import gzip
 import html
+import importlib
 import os
 from functools import lru_cache
 from itertools import chain
@@ -73,6 +76,15 @@ def clean(text):
     return whitespace_clean(basic_clean(text)).lower()
 
 
+def _native_bpe():
+    """The op ``fastclip::bpe`` of the compiled extension, or None where it is not built."""
+    try:
+        importlib.import_module("fastclip._C")
+    except (ImportError, OSError):
+        return None
+    return getattr(torch.ops.fastclip, "bpe", None)
+
+
 # Below this many words, the Python merge loop (with its cache) beats the array rounds.
 _ARRAY_BPE_MIN_WORDS = 64
 _NO_RANK = 1 << 40  # larger than any merge rank
@@ -124,6 +136,16 @@ class SimpleTokenizer:
         byte_pairs = (left < 512) & (right < 512)
         self._byte_pair_ranks = np.full((512, 512), _NO_RANK, np.int64)
         self._byte_pair_ranks[left[byte_pairs], right[byte_pairs]] = np.flatnonzero(byte_pairs)
+        self._native = _native_bpe()
+        if self._native is not None:
+            self._native_tables = [torch.from_numpy(np.ascontiguousarray(table)) for table in (
+                self._merge_keys, self._merge_ranks, self._merged_ids, self._byte_ids,
+                self._end_byte_ids)]
+
+    @property
+    def bpe_implementation(self):
+        """``"native"`` (the compiled op ``fastclip::bpe``) or ``"numpy"``."""
+        return "numpy" if self._native is None else "native"
 
     def bpe(self, token):
         """OpenAI's ``bpe``: the pieces of one byte-encoded word, space-separated, the last
@@ -187,8 +209,26 @@ class SimpleTokenizer:
         return ranks
 
     def _bpe_batch(self, words):
-        """The ids of many words at once, by the same merges as ``bpe``, done as array
-        rounds. Returns the ids of all words one after the other, and how many each has.
+        """The ids of many words at once, by the same merges as ``bpe``: all words' ids one
+        after the other (int64), and how many each has. Natively where ``fastclip._C`` is
+        built, else by numpy rounds."""
+        if self._native is None:
+            return self._bpe_batch_numpy(words)
+        return self._bpe_batch_native(words)
+
+    def _bpe_batch_native(self, words):
+        data = bytearray("".join(words).encode("utf-8"))
+        lengths = np.fromiter(map(len, words), np.int64, len(words))
+        if len(data) != lengths.sum():  # some characters take several bytes
+            lengths = np.fromiter((len(w.encode("utf-8")) for w in words), np.int64, len(words))
+        ids, counts = self._native(torch.frombuffer(data, dtype=torch.uint8) if data else
+                                   torch.empty(0, dtype=torch.uint8),
+                                   torch.from_numpy(lengths), *self._native_tables,
+                                   self.vocab_size)
+        return ids.numpy(), counts.numpy()
+
+    def _bpe_batch_numpy(self, words):
+        """``_bpe_batch`` as numpy array rounds.
 
         All words' symbols lie in one array, with the rank of each symbol's pair with the
         next one. Each round finds every word's lowest-ranked pair and merges it everywhere

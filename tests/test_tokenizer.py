@@ -136,3 +136,45 @@ def test_bpe_is_openai_compatible():
     pieces = tokenizer.bpe("photography")
     assert isinstance(pieces, str) and pieces.endswith("</w>")
     assert [tokenizer.encoder[p] for p in pieces.split(" ")] == tokenizer.encode("photography")
+
+
+def test_native_and_numpy_merges_agree(texts):
+    """The compiled op fastclip::bpe and the numpy rounds give the same ids for the same
+    words: the generated texts' words, and words made to stress the merge loop."""
+    tokenizer = get_tokenizer()
+    if tokenizer.bpe_implementation != "native":
+        pytest.skip("fastclip._C is not built: the numpy rounds are the only BPE")
+    words = [w for text in texts[:2000]
+             for w in tokenizer.pattern.findall(fastclip.tokenizer.clean(text))]
+    rng = random.Random(3)
+    words += ["a", "aa", "aaa", "a" * 17, "ab" * 40, "e" * 300, "x", "é", "中文字符" * 20, "🙂" * 5,
+              "".join(chr(rng.randint(0x20, 0x2FFF)) for _ in range(500))]
+    words += ["".join(rng.choice("abcdeéß中") for _ in range(rng.randint(1, 30)))
+              for _ in range(3000)]
+    native_ids, native_counts = tokenizer._bpe_batch_native(words)
+    numpy_ids, numpy_counts = tokenizer._bpe_batch_numpy(words)
+    assert native_counts.tolist() == numpy_counts.tolist()
+    assert native_ids.tolist() == numpy_ids.tolist()
+    ends = native_counts.cumsum()
+    for i in rng.sample(range(len(words)), 300):  # and OpenAI's loop, word by word
+        assert native_ids[ends[i] - native_counts[i]:ends[i]].tolist() == \
+            tokenizer._word_ids(words[i]), repr(words[i])
+    empty_ids, empty_counts = tokenizer._bpe_batch_native([])
+    assert len(empty_ids) == 0 and len(empty_counts) == 0
+
+
+def test_native_merges_check_their_inputs():
+    tokenizer = get_tokenizer()
+    if tokenizer.bpe_implementation != "native":
+        pytest.skip("fastclip._C is not built")
+    tables = tokenizer._native_tables
+    data = torch.tensor(list(b"catdog"), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="lengths add up to 5 bytes but 6 were given"):
+        tokenizer._native(data, torch.tensor([3, 2]), *tables, tokenizer.vocab_size)
+    with pytest.raises(RuntimeError, match="word 1 has length 0"):
+        tokenizer._native(data, torch.tensor([6, 0]), *tables, tokenizer.vocab_size)
+    with pytest.raises(RuntimeError, match="byte_ids has 255 entries"):
+        tokenizer._native(data, torch.tensor([6]), *tables[:3], tables[3][:255], tables[4],
+                          tokenizer.vocab_size)
+    ids, counts = tokenizer._native(data, torch.tensor([3, 3]), *tables, tokenizer.vocab_size)
+    assert ids.tolist() == tokenizer.encode("cat dog") and counts.tolist() == [1, 1]
