@@ -1,11 +1,15 @@
-// fastclip::bpe: byte-level BPE of many words at once, the merge loop of OpenAI's CLIP
-// tokenizer (clip/simple_tokenizer.py) in C++. fastclip/tokenizer.py builds the tables from
-// the vocabulary and falls back to its numpy rounds where this library is not built.
+// torch.classes.fastclip.BPE: byte-level BPE of many words at once, the merge loop of OpenAI's
+// CLIP tokenizer (clip/simple_tokenizer.py) in C++, and its whole pipeline for plain ASCII
+// texts. fastclip/tokenizer.py builds the tables from the vocabulary and falls back to numpy
+// rounds and Python where this library is not built.
 #include <ATen/ATen.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -13,7 +17,7 @@ namespace fastclip {
 
 namespace {
 
-constexpr const char* kOp = "fastclip::bpe";
+constexpr const char* kOp = "fastclip.BPE";
 
 void check_table(const at::Tensor& tensor, const char* name, int64_t size) {
   TORCH_CHECK(tensor.device().is_cpu() && tensor.scalar_type() == at::kLong && tensor.dim() == 1,
@@ -134,78 +138,198 @@ void merge_word(Word& w, const Merges& merges, const int64_t* merged_ids) {
 
 }  // namespace
 
-// bytes: the UTF-8 bytes of all words one after the other (uint8); lengths: each word's
-// byte count. Returns the ids of all words one after the other, and how many each has.
-std::tuple<at::Tensor, at::Tensor> bpe(const at::Tensor& bytes, const at::Tensor& lengths,
-                                       const at::Tensor& merge_keys,
-                                       const at::Tensor& merge_ranks,
-                                       const at::Tensor& merged_ids, const at::Tensor& byte_ids,
-                                       const at::Tensor& end_byte_ids, int64_t vocab_size) {
-  TORCH_CHECK(bytes.device().is_cpu() && bytes.scalar_type() == at::kByte && bytes.dim() == 1,
-              kOp, ": bytes must be a 1-D uint8 CPU tensor, got ", bytes.scalar_type(),
-              " of shape ", bytes.sizes(), ".");
-  check_table(lengths, "lengths", -1);
-  check_table(merge_keys, "merge_keys", -1);
-  check_table(merge_ranks, "merge_ranks", merge_keys.numel());
-  check_table(merged_ids, "merged_ids", merge_keys.numel());
-  check_table(byte_ids, "byte_ids", 256);
-  check_table(end_byte_ids, "end_byte_ids", 256);
-  const at::Tensor bytes_c = bytes.contiguous(), lengths_c = lengths.contiguous();
-  const at::Tensor keys_c = merge_keys.contiguous(), ranks_c = merge_ranks.contiguous();
-  const at::Tensor merged_c = merged_ids.contiguous(), byte_c = byte_ids.contiguous();
-  const at::Tensor end_c = end_byte_ids.contiguous();
-
-  const uint8_t* data = bytes_c.data_ptr<uint8_t>();
-  const int64_t* length = lengths_c.data_ptr<int64_t>();
-  const int64_t words = lengths_c.numel();
-  int64_t total = 0;
-  for (int64_t w = 0; w < words; ++w) {
-    TORCH_CHECK(length[w] >= 1, kOp, ": word ", w, " has length ", length[w],
-                "; every word has at least one byte.");
-    total += length[w];
-  }
-  TORCH_CHECK(total == bytes_c.numel(), kOp, ": the lengths add up to ", total, " bytes but ",
-              bytes_c.numel(), " were given.");
-  const int64_t merge_count = keys_c.numel();
-  const Merges merges(keys_c.data_ptr<int64_t>(), ranks_c.data_ptr<int64_t>(), merge_count,
-                      vocab_size);
-  const int64_t* ranks = ranks_c.data_ptr<int64_t>();
-  for (int64_t i = 0; i < merge_count; ++i) {
-    TORCH_CHECK(ranks[i] >= 0 && ranks[i] < merge_count, kOp, ": merge_ranks[", i, "] = ",
-                ranks[i], " is not a rank of the ", merge_count, " merges.");
-  }
-  const int64_t* merged = merged_c.data_ptr<int64_t>();
-  const int64_t* byte_id = byte_c.data_ptr<int64_t>();
-  const int64_t* end_byte_id = end_c.data_ptr<int64_t>();
-
-  std::vector<int64_t> ids;
-  ids.reserve(total);
-  at::Tensor counts = at::empty({words}, lengths.options());
-  int64_t* count = counts.data_ptr<int64_t>();
-  Word word;
-  int64_t offset = 0;
-  for (int64_t w = 0; w < words; ++w) {
-    word.ids.clear();
-    for (int64_t i = 0; i < length[w]; ++i) {
-      const uint8_t b = data[offset + i];
-      word.ids.push_back(i + 1 < length[w] ? byte_id[b] : end_byte_id[b]);  // "</w>" on the last
+// The tokenizer's merge tables, built once (torch.classes.fastclip.BPE); immutable, so one
+// instance serves any number of threads.
+class BPE : public torch::CustomClassHolder {
+ public:
+  BPE(const at::Tensor& merge_keys, const at::Tensor& merge_ranks, const at::Tensor& merged_ids,
+      const at::Tensor& byte_ids, const at::Tensor& end_byte_ids, int64_t vocab_size,
+      int64_t start_of_text, int64_t end_of_text)
+      : start_of_text_(start_of_text), end_of_text_(end_of_text) {
+    check_table(merge_keys, "merge_keys", -1);
+    check_table(merge_ranks, "merge_ranks", merge_keys.numel());
+    check_table(merged_ids, "merged_ids", merge_keys.numel());
+    check_table(byte_ids, "byte_ids", 256);
+    check_table(end_byte_ids, "end_byte_ids", 256);
+    const int64_t count = merge_keys.numel();
+    const at::Tensor ranks = merge_ranks.contiguous();
+    const int64_t* rank = ranks.data_ptr<int64_t>();
+    for (int64_t i = 0; i < count; ++i) {
+      TORCH_CHECK(rank[i] >= 0 && rank[i] < count, kOp, ": merge_ranks[", i, "] = ", rank[i],
+                  " is not a rank of the ", count, " merges.");
     }
-    offset += length[w];
-    merge_word(word, merges, merged);
-    ids.insert(ids.end(), word.ids.begin(), word.ids.end());
-    count[w] = static_cast<int64_t>(word.ids.size());
+    merges_ = std::make_unique<Merges>(merge_keys.contiguous().data_ptr<int64_t>(), rank, count,
+                                       vocab_size);
+    const at::Tensor merged = merged_ids.contiguous();
+    merged_ids_.assign(merged.data_ptr<int64_t>(), merged.data_ptr<int64_t>() + count);
+    const at::Tensor bytes = byte_ids.contiguous(), end_bytes = end_byte_ids.contiguous();
+    byte_ids_.assign(bytes.data_ptr<int64_t>(), bytes.data_ptr<int64_t>() + 256);
+    end_byte_ids_.assign(end_bytes.data_ptr<int64_t>(), end_bytes.data_ptr<int64_t>() + 256);
   }
-  at::Tensor out = at::empty({static_cast<int64_t>(ids.size())}, lengths.options());
-  std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
-  return {out, counts};
-}
+
+  // bytes: the UTF-8 bytes of all words one after the other (uint8); lengths: each word's
+  // byte count. Returns the ids of all words one after the other, and how many each has.
+  std::tuple<at::Tensor, at::Tensor> encode_words(const at::Tensor& bytes,
+                                                  const at::Tensor& lengths) const {
+    const at::Tensor data = checked_bytes(bytes, lengths, "word");
+    const uint8_t* text = data.data_ptr<uint8_t>();
+    const at::Tensor lengths_c = lengths.contiguous();
+    const int64_t* length = lengths_c.data_ptr<int64_t>();
+    const int64_t words = lengths_c.numel();
+    for (int64_t w = 0; w < words; ++w) {
+      TORCH_CHECK(length[w] >= 1, kOp, ": word ", w, " has length ", length[w],
+                  "; every word has at least one byte.");
+    }
+    std::vector<int64_t> ids;
+    ids.reserve(data.numel());
+    at::Tensor counts = at::empty({words}, lengths.options());
+    int64_t* count = counts.data_ptr<int64_t>();
+    Word word;
+    int64_t offset = 0;
+    for (int64_t w = 0; w < words; ++w) {
+      count[w] = encode_word(text + offset, length[w], word, ids);
+      offset += length[w];
+    }
+    return {as_tensor(ids, lengths.options()), counts};
+  }
+
+  // OpenAI's whole pipeline for texts of printable ASCII, tabs and newlines without "&"
+  // (which ftfy and html.unescape leave unchanged): lowercase, OpenAI's regex, BPE.
+  // bytes: the texts one after the other; lengths: each text's byte count. Returns the ids of
+  // all texts one after the other, and how many each has.
+  std::tuple<at::Tensor, at::Tensor> encode_plain_ascii(const at::Tensor& bytes,
+                                                        const at::Tensor& lengths) const {
+    const at::Tensor data = checked_bytes(bytes, lengths, "text");
+    const uint8_t* all = data.data_ptr<uint8_t>();
+    const at::Tensor lengths_c = lengths.contiguous();
+    const int64_t* length = lengths_c.data_ptr<int64_t>();
+    const int64_t texts = lengths_c.numel();
+    std::vector<int64_t> ids;
+    ids.reserve(data.numel());
+    at::Tensor counts = at::empty({texts}, lengths.options());
+    int64_t* count = counts.data_ptr<int64_t>();
+    Word word;
+    std::vector<uint8_t> lower;
+    int64_t offset = 0;
+    for (int64_t t = 0; t < texts; ++t) {
+      TORCH_CHECK(length[t] >= 0, kOp, ": text ", t, " has length ", length[t], ".");
+      lower.resize(length[t]);
+      for (int64_t i = 0; i < length[t]; ++i) {
+        const uint8_t c = all[offset + i];
+        TORCH_CHECK(c == '\t' || c == '\n' || (c >= 0x20 && c <= 0x7e && c != '&'), kOp,
+                    ": text ", t, " has byte ", static_cast<int>(c),
+                    " at ", i, "; encode_plain_ascii takes printable ASCII, tabs and newlines "
+                    "without '&' only.");
+        lower[i] = (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c;
+      }
+      offset += length[t];
+      const size_t before = ids.size();
+      split_plain_ascii(lower, [&](size_t start, size_t size) {
+        encode_word(lower.data() + start, static_cast<int64_t>(size), word, ids);
+      }, ids);
+      count[t] = static_cast<int64_t>(ids.size() - before);
+    }
+    return {as_tensor(ids, lengths.options()), counts};
+  }
+
+ private:
+  static at::Tensor checked_bytes(const at::Tensor& bytes, const at::Tensor& lengths,
+                                  const char* what) {
+    TORCH_CHECK(bytes.device().is_cpu() && bytes.scalar_type() == at::kByte && bytes.dim() == 1,
+                kOp, ": bytes must be a 1-D uint8 CPU tensor, got ", bytes.scalar_type(),
+                " of shape ", bytes.sizes(), ".");
+    check_table(lengths, "lengths", -1);
+    const int64_t total = lengths.sum().item<int64_t>();
+    TORCH_CHECK(total == bytes.numel(), kOp, ": the ", what, " lengths add up to ", total,
+                " bytes but ", bytes.numel(), " were given.");
+    return bytes.contiguous();
+  }
+
+  static at::Tensor as_tensor(const std::vector<int64_t>& ids, const at::TensorOptions& options) {
+    at::Tensor out = at::empty({static_cast<int64_t>(ids.size())}, options);
+    std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
+    return out;
+  }
+
+  // Appends the ids of one word (its UTF-8 bytes) to ids; returns how many.
+  int64_t encode_word(const uint8_t* bytes, int64_t length, Word& word,
+                      std::vector<int64_t>& ids) const {
+    word.ids.clear();
+    for (int64_t i = 0; i < length; ++i) {
+      // The last byte carries "</w>".
+      word.ids.push_back(i + 1 < length ? byte_ids_[bytes[i]] : end_byte_ids_[bytes[i]]);
+    }
+    merge_word(word, *merges_, merged_ids_.data());
+    ids.insert(ids.end(), word.ids.begin(), word.ids.end());
+    return static_cast<int64_t>(word.ids.size());
+  }
+
+  // OpenAI's regex on lowercase ASCII, alternatives in its order:
+  //   <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
+  // calling word(start, size) for each match, and appending special tokens' ids directly.
+  template <typename OnWord>
+  void split_plain_ascii(const std::vector<uint8_t>& text, OnWord word,
+                         std::vector<int64_t>& ids) const {
+    static const std::string kStart = "<|startoftext|>", kEnd = "<|endoftext|>";
+    const size_t n = text.size();
+    auto starts_with = [&](size_t at, const std::string& s) {
+      return n - at >= s.size() && std::equal(s.begin(), s.end(), text.begin() + at);
+    };
+    auto letter = [](uint8_t c) { return c >= 'a' && c <= 'z'; };  // lowercased already
+    auto digit = [](uint8_t c) { return c >= '0' && c <= '9'; };
+    auto space = [](uint8_t c) { return c == ' ' || c == '\t' || c == '\n'; };
+    size_t i = 0;
+    while (i < n) {
+      const uint8_t c = text[i];
+      if (space(c)) {
+        i += 1;
+      } else if (c == '<' && starts_with(i, kStart)) {
+        ids.push_back(start_of_text_);
+        i += kStart.size();
+      } else if (c == '<' && starts_with(i, kEnd)) {
+        ids.push_back(end_of_text_);
+        i += kEnd.size();
+      } else if (c == '\'' && i + 1 < n &&
+                 (text[i + 1] == 's' || text[i + 1] == 't' || text[i + 1] == 'm' ||
+                  text[i + 1] == 'd')) {
+        word(i, 2);
+        i += 2;
+      } else if (c == '\'' && (starts_with(i, "'re") || starts_with(i, "'ve") ||
+                               starts_with(i, "'ll"))) {
+        word(i, 3);
+        i += 3;
+      } else if (letter(c)) {
+        size_t end = i + 1;
+        while (end < n && letter(text[end])) {
+          ++end;
+        }
+        word(i, end - i);
+        i = end;
+      } else if (digit(c)) {
+        word(i, 1);
+        i += 1;
+      } else {
+        size_t end = i + 1;
+        while (end < n && !space(text[end]) && !letter(text[end]) && !digit(text[end])) {
+          ++end;
+        }
+        word(i, end - i);
+        i = end;
+      }
+    }
+  }
+
+  std::unique_ptr<Merges> merges_;
+  std::vector<int64_t> merged_ids_, byte_ids_, end_byte_ids_;
+  int64_t start_of_text_, end_of_text_;
+};
 
 TORCH_LIBRARY_FRAGMENT(fastclip, m) {
-  m.def(
-      "bpe(Tensor bytes, Tensor lengths, Tensor merge_keys, Tensor merge_ranks, "
-      "Tensor merged_ids, Tensor byte_ids, Tensor end_byte_ids, int vocab_size) "
-      "-> (Tensor, Tensor)",
-      &bpe);
+  m.class_<BPE>("BPE")
+      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t,
+                       int64_t, int64_t>())
+      .def("encode_words", &BPE::encode_words)
+      .def("encode_plain_ascii", &BPE::encode_plain_ascii);
 }
 
 }  // namespace fastclip

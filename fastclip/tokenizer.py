@@ -6,9 +6,10 @@ it faster than OpenAI's Python loop:
 
 - plain ASCII text (no ``&``, no control characters) is left unchanged by ftfy and
   ``html.unescape``, so it skips them;
-- the words of a batch are merged together: by the op ``fastclip::bpe`` of the compiled
-  extension ``fastclip._C`` (``csrc/bpe.cpp``, OpenAI's merge loop on ids), or where it is not
-  built by numpy array rounds that apply every word's best-ranked pair at once
+- where the compiled extension ``fastclip._C`` is built, its class ``fastclip.BPE``
+  (``csrc/bpe.cpp``) runs OpenAI's merge loop on ids, and for plain ASCII texts the whole
+  pipeline (lowercase, OpenAI's regex, merges) in C++; elsewhere the words of a batch are
+  merged by numpy array rounds that apply every word's best-ranked pair at once
   (``SimpleTokenizer._bpe_batch_numpy``); ``tokenize`` fills its tensor from the flat ids
   without a Python loop over texts;
 - a few words (``encode`` of one short text) take the Python merge loop
@@ -76,13 +77,13 @@ def clean(text):
     return whitespace_clean(basic_clean(text)).lower()
 
 
-def _native_bpe():
-    """The op ``fastclip::bpe`` of the compiled extension, or None where it is not built."""
+def _native_bpe_class():
+    """The class ``fastclip.BPE`` of the compiled extension, or None where it is not built."""
     try:
         importlib.import_module("fastclip._C")
-    except (ImportError, OSError):
+        return torch.classes.fastclip.BPE
+    except (ImportError, OSError, RuntimeError, AttributeError):
         return None
-    return getattr(torch.ops.fastclip, "bpe", None)
 
 
 # Below this many words, the Python merge loop (with its cache) beats the array rounds.
@@ -136,15 +137,29 @@ class SimpleTokenizer:
         byte_pairs = (left < 512) & (right < 512)
         self._byte_pair_ranks = np.full((512, 512), _NO_RANK, np.int64)
         self._byte_pair_ranks[left[byte_pairs], right[byte_pairs]] = np.flatnonzero(byte_pairs)
-        self._native = _native_bpe()
-        if self._native is not None:
-            self._native_tables = [torch.from_numpy(np.ascontiguousarray(table)) for table in (
-                self._merge_keys, self._merge_ranks, self._merged_ids, self._byte_ids,
-                self._end_byte_ids)]
+        self._native = self._build_native()
+
+    def _build_native(self):
+        native = _native_bpe_class()
+        if native is None:
+            return None
+        tables = [torch.from_numpy(np.ascontiguousarray(table)) for table in (
+            self._merge_keys, self._merge_ranks, self._merged_ids, self._byte_ids,
+            self._end_byte_ids)]
+        return native(*tables, self.vocab_size, self.sot_token, self.eot_token)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_native"] = None  # a C++ object: rebuilt from the tables when unpickled
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._native = self._build_native()
 
     @property
     def bpe_implementation(self):
-        """``"native"`` (the compiled op ``fastclip::bpe``) or ``"numpy"``."""
+        """``"native"`` (the compiled class ``fastclip.BPE``) or ``"numpy"``."""
         return "numpy" if self._native is None else "native"
 
     def bpe(self, token):
@@ -221,10 +236,7 @@ class SimpleTokenizer:
         lengths = np.fromiter(map(len, words), np.int64, len(words))
         if len(data) != lengths.sum():  # some characters take several bytes
             lengths = np.fromiter((len(w.encode("utf-8")) for w in words), np.int64, len(words))
-        ids, counts = self._native(torch.frombuffer(data, dtype=torch.uint8) if data else
-                                   torch.empty(0, dtype=torch.uint8),
-                                   torch.from_numpy(lengths), *self._native_tables,
-                                   self.vocab_size)
+        ids, counts = self._native.encode_words(_byte_tensor(data), torch.from_numpy(lengths))
         return ids.numpy(), counts.numpy()
 
     def _bpe_batch_numpy(self, words):
@@ -288,6 +300,39 @@ class SimpleTokenizer:
     def encode_flat(self, texts):
         """The ids of all ``texts`` one after the other (an int64 array), and how many
         belong to each text: ``encode`` of a batch, without a list per text."""
+        if self._native is None:
+            return self._encode_flat_python(texts)
+        joined = "".join(texts)
+        if _PLAIN_ASCII.fullmatch(joined):  # one pass over all texts: the usual case
+            return self._encode_plain_ascii(texts, joined)
+        plain = np.fromiter((_PLAIN_ASCII.fullmatch(t) is not None for t in texts), bool,
+                            len(texts))
+        if not plain.any():
+            return self._encode_flat_python(texts)
+        # Both kinds: each part encoded its way, then the ids interleaved back in order.
+        parts = [np.flatnonzero(plain), np.flatnonzero(~plain)]
+        results = [self._encode_plain_ascii([texts[i] for i in parts[0]]),
+                   self._encode_flat_python([texts[i] for i in parts[1]])]
+        counts = np.empty(len(texts), np.int64)
+        for index, (_, part_counts) in zip(parts, results):
+            counts[index] = part_counts
+        starts = np.cumsum(counts) - counts
+        ids = np.empty(int(counts.sum()), np.int64)
+        for index, (part_ids, part_counts) in zip(parts, results):
+            part_starts = np.cumsum(part_counts) - part_counts
+            ids[np.repeat(starts[index] - part_starts, part_counts)
+                + np.arange(len(part_ids))] = part_ids
+        return ids, counts
+
+    def _encode_plain_ascii(self, texts, joined=None):
+        """``encode_flat`` of texts that ``_PLAIN_ASCII`` matches, all in C++."""
+        data = bytearray(("".join(texts) if joined is None else joined).encode("ascii"))
+        lengths = torch.from_numpy(np.fromiter(map(len, texts), np.int64, len(texts)))
+        ids, counts = self._native.encode_plain_ascii(_byte_tensor(data), lengths)
+        return ids.numpy(), counts.numpy()
+
+    def _encode_flat_python(self, texts):
+        """``encode_flat`` with the cleaning and the regex in Python."""
         words_per_text = [self.pattern.findall(clean(text)) for text in texts]
         words = list(chain.from_iterable(words_per_text))
         if len(words) < _ARRAY_BPE_MIN_WORDS:
@@ -315,6 +360,11 @@ class SimpleTokenizer:
         text = "".join(self.decoder[int(i)] for i in ids)
         data = bytearray(self.byte_decoder[c] for c in text)
         return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+def _byte_tensor(data):
+    """A uint8 tensor over a bytearray (empty when it is)."""
+    return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def _first_of_each_run(selected):

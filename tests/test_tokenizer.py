@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,18 +164,79 @@ def test_native_and_numpy_merges_agree(texts):
     assert len(empty_ids) == 0 and len(empty_counts) == 0
 
 
-def test_native_merges_check_their_inputs():
+def test_native_class_checks_its_inputs():
     tokenizer = get_tokenizer()
     if tokenizer.bpe_implementation != "native":
         pytest.skip("fastclip._C is not built")
-    tables = tokenizer._native_tables
+    native = tokenizer._native
     data = torch.tensor(list(b"catdog"), dtype=torch.uint8)
-    with pytest.raises(RuntimeError, match="lengths add up to 5 bytes but 6 were given"):
-        tokenizer._native(data, torch.tensor([3, 2]), *tables, tokenizer.vocab_size)
+    with pytest.raises(RuntimeError, match="word lengths add up to 5 bytes but 6 were given"):
+        native.encode_words(data, torch.tensor([3, 2]))
     with pytest.raises(RuntimeError, match="word 1 has length 0"):
-        tokenizer._native(data, torch.tensor([6, 0]), *tables, tokenizer.vocab_size)
+        native.encode_words(data, torch.tensor([6, 0]))
+    with pytest.raises(RuntimeError, match="bytes must be a 1-D uint8 CPU tensor"):
+        native.encode_words(data.long(), torch.tensor([6]))
+    with pytest.raises(RuntimeError, match="text 0 has byte 38 at 3"):
+        native.encode_plain_ascii(torch.tensor(list(b"cat&dog"), dtype=torch.uint8),
+                                  torch.tensor([7]))
     with pytest.raises(RuntimeError, match="byte_ids has 255 entries"):
-        tokenizer._native(data, torch.tensor([6]), *tables[:3], tables[3][:255], tables[4],
-                          tokenizer.vocab_size)
-    ids, counts = tokenizer._native(data, torch.tensor([3, 3]), *tables, tokenizer.vocab_size)
+        _native_with_short_byte_table(tokenizer)
+    ids, counts = native.encode_words(data, torch.tensor([3, 3]))
     assert ids.tolist() == tokenizer.encode("cat dog") and counts.tolist() == [1, 1]
+
+
+def _native_with_short_byte_table(tokenizer):
+    tables = [torch.from_numpy(t) for t in (
+        tokenizer._merge_keys, tokenizer._merge_ranks, tokenizer._merged_ids,
+        tokenizer._byte_ids[:255], tokenizer._end_byte_ids)]
+    return torch.classes.fastclip.BPE(*tables, tokenizer.vocab_size, tokenizer.sot_token,
+                                      tokenizer.eot_token)
+
+
+def random_ascii_text(rng):
+    """Plain ASCII that stresses OpenAI's regex: contractions and lone apostrophes, runs of
+    punctuation, digits, special tokens in any case, partial special tokens, tabs, newlines."""
+    pieces = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'", "''s", "'S", "'LL", "'x", "'",
+              "<|startoftext|>", "<|EndOfText|>", "<|endoftext", "<|", "|>", "<", "!!", "...",
+              "?!", "--", "12345", "3.14", "x2", "cat", "Dog's", "HELLO", "they're", "we've",
+              "a", "I", "i'd", "don't", "(", ")", "[x]", "#tag", "@me", "~", "^_^", "\\", "\"",
+              "`", "$100", "50%", "c++"]
+    parts = []
+    for _ in range(rng.randint(0, 20)):
+        parts.append(rng.choice(pieces) if rng.random() < 0.8 else
+                     "".join(chr(rng.randint(0x21, 0x7e)) for _ in range(rng.randint(1, 8))
+                             ).replace("&", "and"))
+        parts.append(rng.choice([" ", "", "  ", "\t", "\n", " \n\t "]))
+    return "".join(parts)
+
+
+def test_native_plain_ascii_pipeline_equals_python():
+    """The C++ pipeline for plain ASCII (lowercase, regex, merges) gives the ids of the Python
+    cleaning and regex, text by text; mixed batches are put back in order."""
+    tokenizer = get_tokenizer()
+    if tokenizer.bpe_implementation != "native":
+        pytest.skip("fastclip._C is not built")
+    rng = random.Random(11)
+    texts = [random_ascii_text(rng) for _ in range(5000)] + ["", " ", "\t\n", "<|endoftext|>"]
+    assert all(fastclip.tokenizer._PLAIN_ASCII.fullmatch(t) for t in texts)
+    native_ids, native_counts = tokenizer._encode_plain_ascii(texts)
+    python_ids, python_counts = tokenizer._encode_flat_python(texts)
+    mismatch = [t for t, a, b in zip(texts, np.split(native_ids, native_counts.cumsum()[:-1]),
+                                      np.split(python_ids, python_counts.cumsum()[:-1]))
+                if a.tolist() != b.tolist()]
+    assert not mismatch, f"{len(mismatch)} texts differ, first: {mismatch[0]!r}"
+    assert native_counts.tolist() == python_counts.tolist()
+    # A batch of both kinds, in a random order: encode_flat interleaves them back.
+    mixed = texts[:300] + ["café &amp; crème", "naïve", "a & b", "x\x07y", "日本語"] * 20
+    rng.shuffle(mixed)
+    ids, counts = tokenizer.encode_flat(mixed)
+    expected_ids, expected_counts = tokenizer._encode_flat_python(mixed)
+    assert counts.tolist() == expected_counts.tolist()
+    assert ids.tolist() == expected_ids.tolist()
+
+
+def test_tokenizer_pickles():
+    import pickle
+    tokenizer = pickle.loads(pickle.dumps(get_tokenizer()))
+    assert tokenizer.bpe_implementation == get_tokenizer().bpe_implementation
+    assert tokenizer.encode("a photo of a cat") == get_tokenizer().encode("a photo of a cat")
