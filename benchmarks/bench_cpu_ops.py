@@ -92,7 +92,8 @@ def test_cpu_op(benchmark, case):
         pytest.skip("no oneDNN (mkldnn) CPU ops in this PyTorch")
     if DTYPES[case.dtype] not in cpu_linear._DTYPES:
         pytest.skip(f"oneDNN has no {case.dtype} products on this CPU")
-    found, baseline = contenders(case)
+    with torch.inference_mode(False):  # weights as a model holds them, not inference tensors
+        found, baseline = contenders(case)
     outputs = {name: fn().double() for name, fn in found.items()}
     truth = outputs[baseline]
     scale = truth.abs().max().item()

@@ -114,7 +114,10 @@ class Built:
             self.models.clear()  # before building the next architecture's
             self.key = (model, sizes)
         if name not in self.models:
-            self.models[name] = build()
+            # Built as a user builds a model, outside inference mode (weights made inside it
+            # are inference tensors, which fastclip's CPU path never caches).
+            with torch.inference_mode(False):
+                self.models[name] = build()
         return self.models[name]
 
 

@@ -14,18 +14,22 @@ packed multiplied by 1.702 and the output layer's weight divided by it, and the 
 the same function with its activation in the first product's epilogue.
 
 The reordered copies are cached per weight tensor (the weights are held weakly: a cached copy
-goes when its weight goes) and rebuilt when the weight is replaced or changed in place
-(its version counter moves, or its storage is not the one the copy was made from). Writes
-through ``weight.data``, and in-place writes to weights made under ``torch.inference_mode``
-(which have no version counter), are not seen; call :func:`clear_cache` after them.
-The copies cost one more copy of each transformer weight in memory; setting the environment
-variable ``FASTCLIP_CPU_PREPACK=0`` turns the path off.
+goes when its weight goes, or when the weight next runs where the path does not apply) and
+rebuilt when the weight is replaced or changed in place (its version counter moves, or its
+storage is not the one the copy was made from). Writes through ``weight.data`` bypass the
+version counter; call :func:`clear_cache` after them. Weights made under
+``torch.inference_mode`` have no version counter: they are never cached, and run through
+oneDNN as they are (a little slower: no packed layout, QuickGELU not fused). The copies cost
+one more copy of each transformer weight in memory; setting the environment variable
+``FASTCLIP_CPU_PREPACK=0`` turns the path off.
 """
 
 import os
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakTensorKeyDictionary
 
 QUICK_GELU_SCALE = 1.702
@@ -66,12 +70,19 @@ def dtype_names():
     return [str(dtype).removeprefix("torch.") for dtype in _DTYPES] if enabled() else []
 
 
+def _plain(tensor):
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
+
+
 def usable(x, *tensors):
-    """Whether ``x`` times the weights in ``tensors`` can take the packed path: CPU tensors of
-    one supported dtype, no gradient to record, not being traced by ``torch.compile``."""
+    """Whether ``x`` times the weights in ``tensors`` can take the oneDNN path: plain CPU
+    tensors of one supported dtype, no gradient to record (reverse or forward mode, or a
+    ``torch.func`` transform), not traced by ``torch.compile`` or ``torch.jit``."""
     if not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2:
         return False
-    if torch.compiler.is_compiling():
+    if (not _plain(x) or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or forward_ad._current_level >= 0
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
         return False
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
@@ -79,25 +90,30 @@ def usable(x, *tensors):
     for tensor in tensors:
         if tensor is None:
             continue
-        if (type(tensor) not in (torch.Tensor, torch.nn.Parameter)
-                or tensor.device.type != "cpu" or tensor.dtype != x.dtype
-                or tensor.layout != torch.strided or (grad and tensor.requires_grad)):
+        if (not _plain(tensor) or tensor.device.type != "cpu" or tensor.dtype != x.dtype
+                or (grad and tensor.requires_grad)):
             return False
     return True
 
 
+def _cacheable(*weights):
+    """Inference tensors (made under ``torch.inference_mode``) have no version counter, so an
+    in-place write to one could not be told from the copy made before it: they are used as
+    they are, never cached."""
+    return not any(w is not None and w.is_inference() for w in weights)
+
+
 def _stamp(weight):
-    # Inference tensors (made under torch.inference_mode) have no version counter; they
-    # can only be written in place inside inference mode, which clear_cache() must follow.
-    return (None if weight.is_inference() else weight._version, weight.untyped_storage(), weight.dtype, weight.storage_offset(),
-            weight.shape, weight.stride())
+    # A weak reference to the storage: it lets the storage's memory go with the weight (after
+    # model.half(), say), but keeps its address from being reused by another storage while
+    # the stamp lives, so comparing addresses tells storages apart exactly.
+    return (weight._version, StorageWeakRef(weight.untyped_storage()), weight.dtype,
+            weight.storage_offset(), weight.shape, weight.stride())
 
 
 def _same(stamp, other):
-    # The stamp holds the weight's storage, so no new storage can reuse its address while the
-    # cached copy lives; comparing storages by their C pointer is then exact.
-    return (stamp[0] == other[0] and stamp[1]._cdata == other[1]._cdata
-            and stamp[2:] == other[2:])
+    return (stamp[0] == other[0] and not stamp[1].expired()
+            and stamp[1].cdata == other[1].cdata and stamp[2:] == other[2:])
 
 
 def _cached(weight, variant, build):
@@ -112,6 +128,14 @@ def _cached(weight, variant, build):
             entry = (stamp, build(weight.detach()))
         entries[variant] = entry
     return entry[1]
+
+
+def _evict(*weights):
+    """Drop the copies of weights that now run elsewhere (another dtype or device, or with
+    autograd), so that they do not hold memory until the weights go."""
+    for weight in weights:
+        if weight is not None and weight in _CACHE:
+            del _CACHE[weight]
 
 
 def _scaled(tensor, scale):
@@ -135,9 +159,9 @@ def _scaled_bias(bias, scale):
     return _cached(bias, ("bias", scale), lambda b: _scaled(b, scale).contiguous())
 
 
-def _contiguous(bias):
+def _contiguous(tensor):
     # oneDNN reads the bias as a dense vector, whatever its strides.
-    return bias.contiguous() if bias is not None else None
+    return tensor.contiguous() if tensor is not None else None
 
 
 def clear_cache():
@@ -145,33 +169,44 @@ def clear_cache():
     _CACHE.clear()
 
 
+def _product(x, weight, bias, attr="none", algorithm=""):
+    """oneDNN's product on the packed weight, or on the weight as it is where that cannot be
+    cached."""
+    weight = packed_weight(weight) if _cacheable(weight) else weight.contiguous()
+    return torch.ops.mkldnn._linear_pointwise(x, weight, _contiguous(bias), attr, [], algorithm)
+
+
 def linear(x, weight, bias=None):
-    """``F.linear(x, weight, bias)``, on the packed weight where :func:`usable`."""
+    """``F.linear(x, weight, bias)``, on oneDNN where :func:`usable`."""
     if not usable(x, weight, bias):
+        _evict(weight)
         return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(
-        x, packed_weight(weight), _contiguous(bias), "none", [], "")
+    return _product(x, weight, bias)
 
 
 def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):
     """c_fc -> activation -> c_proj (+ residual), with the activation fused into c_fc.
 
-    Returns ``None`` where the packed path does not apply, so the caller computes it as usual.
+    Returns ``None`` where the oneDNN path does not apply, so the caller computes it as usual.
     """
-    if activation not in ("quick_gelu", "gelu") or not usable(
-            x, fc_weight, fc_bias, proj_weight, proj_bias, residual):
+    if (activation not in ("quick_gelu", "gelu")
+            or not usable(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
+            or (residual is not None
+                and residual.shape != x.shape[:-1] + proj_weight.shape[:1])):
+        _evict(fc_weight, fc_bias, proj_weight)
         return None
-    if residual is not None and residual.shape != x.shape[:-1] + proj_weight.shape[:1]:
-        return None
-    if activation == "quick_gelu":
+    if activation == "gelu":
+        hidden = _product(x, fc_weight, fc_bias, "gelu", "none")
+        proj = packed_weight(proj_weight) if _cacheable(proj_weight) else proj_weight.contiguous()
+    elif _cacheable(fc_weight, fc_bias, proj_weight):
         hidden = torch.ops.mkldnn._linear_pointwise(
             x, packed_weight(fc_weight, QUICK_GELU_SCALE),
             _scaled_bias(fc_bias, QUICK_GELU_SCALE), "swish", [], "")
         proj = packed_weight(proj_weight, 1 / QUICK_GELU_SCALE)
     else:
-        hidden = torch.ops.mkldnn._linear_pointwise(
-            x, packed_weight(fc_weight), _contiguous(fc_bias), "gelu", [], "none")
-        proj = packed_weight(proj_weight)
+        hidden = _product(x, fc_weight, fc_bias)
+        hidden = hidden.mul_(torch.sigmoid_(hidden * QUICK_GELU_SCALE))
+        proj = proj_weight.contiguous()
     proj_bias = _contiguous(proj_bias)
     if residual is None:
         return torch.ops.mkldnn._linear_pointwise(hidden, proj, proj_bias, "none", [], "")

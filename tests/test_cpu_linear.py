@@ -222,18 +222,78 @@ def test_writes_through_data_need_clear_cache():
 
 
 def test_weights_made_under_inference_mode():
-    """Weights converted inside inference_mode are inference tensors, without a version
-    counter: the packed path still runs, and follows replaced weights."""
+    """Weights made inside inference_mode are inference tensors, without a version counter:
+    they are never cached (an in-place load_state_dict there would go unseen), and still run
+    through oneDNN."""
     images = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         model = small_vit()
         for dtype in DTYPES:
             model = convert_weights(model, dtype)
-            assert model.visual.transformer.resblocks[0].mlp.c_fc.weight.is_inference()
+            fc = model.visual.transformer.resblocks[0].mlp.c_fc.weight
+            assert fc.is_inference()
+            before = len(cpu_linear._CACHE)
             assert cosine(model.encode_image(images).float(),
                           model.set_backend("reference").encode_image(images).float()
                           ).min() > 0.9999
+            assert len(cpu_linear._CACHE) == before and fc not in cpu_linear._CACHE
             model.set_backend("torch")
+        model = convert_weights(model, torch.float32)
+        model.encode_image(images)
+        other = small_vit()
+        for param in other.parameters():
+            param.mul_(1.5)
+        model.load_state_dict(other.state_dict())  # in place, with no version counter
+        assert_close_relative(model.encode_image(images),
+                              other.set_backend("reference").encode_image(images), 1e-5)
+
+
+def test_forward_mode_gradients_take_the_plain_path():
+    """Dual tensors (forward_ad, torch.func.jvp) carry no requires_grad: the oneDNN ops
+    would drop their tangents, so these go through F.linear."""
+    from torch.autograd import forward_ad
+    generator = torch.Generator().manual_seed(8)
+    x, tangent = randn(3, 5, 16, generator=generator), randn(3, 5, 16, generator=generator)
+    weight, bias = randn(24, 16, generator=generator), randn(24, generator=generator)
+    mlp_args = make_mlp(16, torch.float32, generator) + ("quick_gelu",)
+    for name, fn in [("linear", lambda v: cpu_linear.linear(v, weight, bias)),
+                     ("mlp", lambda v: fastclip.backends.TORCH.mlp(v, *mlp_args))]:
+        reference_fn = {"linear": lambda v: F.linear(v, weight, bias),
+                        "mlp": lambda v: reference.mlp(v, *mlp_args)}[name]
+        _, expected = torch.func.jvp(reference_fn, (x,), (tangent,))
+        with torch.no_grad():
+            _, actual = torch.func.jvp(fn, (x,), (tangent,))
+        assert_close_relative(actual, expected, 1e-5, f"{name} jvp tangent")
+        with forward_ad.dual_level():
+            dual = fn(forward_ad.make_dual(x, tangent))
+            unpacked = forward_ad.unpack_dual(dual).tangent
+        assert unpacked is not None, f"{name}: forward_ad lost the tangent"
+        assert_close_relative(unpacked, expected, 1e-5, f"{name} forward_ad tangent")
+
+
+def test_jit_trace_takes_the_plain_path():
+    model = small_vit()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(model.visual, images, check_trace=False)
+        assert_close_relative(traced(images), model.visual(images), 1e-5)
+
+
+def test_copies_go_when_the_model_moves_to_another_dtype():
+    """After model.half(), the fp32 storages are freed and the first fp16 call drops the
+    packed copies: the cache holds no memory for weights that no longer use it."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    model = small_vit()
+    images = torch.randn(2, 3, 32, 32)
+    encode(model, images)
+    fc = model.visual.transformer.resblocks[0].mlp.c_fc.weight
+    assert fc in cpu_linear._CACHE
+    old_storage = StorageWeakRef(fc.untyped_storage())
+    model.half()
+    gc.collect()
+    assert old_storage.expired(), "the cache kept the fp32 weights' memory"
+    encode(model, images.half())  # fp16 does not take the path here
+    assert fc not in cpu_linear._CACHE
 
 
 def test_cache_lets_weights_go():
