@@ -233,15 +233,26 @@ class BPE : public torch::CustomClassHolder {
   }
 
  private:
+  // Checks that the lengths cut bytes into pieces exactly, each within the buffer (summed in
+  // a plain loop: no ATen reduction, whose thread pool would hang in a forked child).
   static at::Tensor checked_bytes(const at::Tensor& bytes, const at::Tensor& lengths,
                                   const char* what) {
     TORCH_CHECK(bytes.device().is_cpu() && bytes.scalar_type() == at::kByte && bytes.dim() == 1,
                 kOp, ": bytes must be a 1-D uint8 CPU tensor, got ", bytes.scalar_type(),
                 " of shape ", bytes.sizes(), ".");
     check_table(lengths, "lengths", -1);
-    const int64_t total = lengths.sum().item<int64_t>();
-    TORCH_CHECK(total == bytes.numel(), kOp, ": the ", what, " lengths add up to ", total,
-                " bytes but ", bytes.numel(), " were given.");
+    const at::Tensor lengths_c = lengths.contiguous();
+    const int64_t* length = lengths_c.data_ptr<int64_t>();
+    const int64_t size = bytes.numel();
+    int64_t total = 0;
+    for (int64_t i = 0; i < lengths_c.numel(); ++i) {
+      TORCH_CHECK(length[i] >= 0 && length[i] <= size - total, kOp, ": ", what, " ", i,
+                  " has length ", length[i], ", which does not fit in the ", size - total,
+                  " bytes left of the ", size, " given.");
+      total += length[i];
+    }
+    TORCH_CHECK(total == size, kOp, ": the ", what, " lengths add up to ", total,
+                " bytes but ", size, " were given.");
     return bytes.contiguous();
   }
 

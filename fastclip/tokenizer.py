@@ -300,6 +300,7 @@ class SimpleTokenizer:
     def encode_flat(self, texts):
         """The ids of all ``texts`` one after the other (an int64 array), and how many
         belong to each text: ``encode`` of a batch, without a list per text."""
+        texts = list(texts)  # positions, whatever the sequence (a pandas Series indexes by label)
         if self._native is None:
             return self._encode_flat_python(texts)
         joined = "".join(texts)
@@ -391,8 +392,7 @@ def tokenize(texts, context_length=77, truncate=False):
     text's ids, end-of-text, then zeros. A text that does not fit raises ``RuntimeError``
     unless ``truncate=True``, which cuts it and ends it with end-of-text.
     """
-    if isinstance(texts, str):
-        texts = [texts]
+    texts = [texts] if isinstance(texts, str) else list(texts)
     if context_length < 2:
         raise ValueError(f"context_length={context_length} leaves no room for the start- and "
                          "end-of-text tokens; it must be at least 2.")

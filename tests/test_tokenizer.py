@@ -174,6 +174,11 @@ def test_native_class_checks_its_inputs():
         native.encode_words(data, torch.tensor([3, 2]))
     with pytest.raises(RuntimeError, match="word 1 has length 0"):
         native.encode_words(data, torch.tensor([6, 0]))
+    # Lengths that would read past the buffer: too long, negative, or wrapping around int64.
+    for lengths in ([7], [8, -2], [2 ** 62] * 3 + [2 ** 62 + 6]):
+        for encode in (native.encode_words, native.encode_plain_ascii):
+            with pytest.raises(RuntimeError, match="which does not fit in the"):
+                encode(data, torch.tensor(lengths))
     with pytest.raises(RuntimeError, match="bytes must be a 1-D uint8 CPU tensor"):
         native.encode_words(data.long(), torch.tensor([6]))
     with pytest.raises(RuntimeError, match="text 0 has byte 38 at 3"):
@@ -235,8 +240,46 @@ def test_native_plain_ascii_pipeline_equals_python():
     assert ids.tolist() == expected_ids.tolist()
 
 
+def test_any_sequence_of_texts():
+    """Texts are taken by position from any sequence: a reversed view, dict keys, a tuple,
+    a numpy array (a pandas Series indexes by label: position must not depend on it)."""
+    texts = ["a cat", "un café", "a dog", "x & y"]
+    expected = fastclip.tokenize(texts)
+    assert torch.equal(fastclip.tokenize(tuple(texts)), expected)
+    assert torch.equal(fastclip.tokenize(dict.fromkeys(texts).keys()), expected)
+    assert torch.equal(fastclip.tokenize(np.array(texts)), expected)
+
+    class Labelled(list):  # indexes by label, as a pandas Series with a reversed index does
+        def __getitem__(self, label):
+            return list.__getitem__(self, len(self) - 1 - label)
+
+    assert torch.equal(fastclip.tokenize(Labelled(texts)), expected)
+
+
 def test_tokenizer_pickles():
     import pickle
     tokenizer = pickle.loads(pickle.dumps(get_tokenizer()))
     assert tokenizer.bpe_implementation == get_tokenizer().bpe_implementation
     assert tokenizer.encode("a photo of a cat") == get_tokenizer().encode("a photo of a cat")
+
+
+def _tokenize_shape(texts, queue):
+    queue.put(tuple(fastclip.tokenize(texts, truncate=True).shape))
+
+
+def test_tokenize_in_a_forked_child_after_parallel_torch_ops():
+    """A forked child cannot use the parent's OpenMP pool: a tokenizer that ran an ATen
+    reduction on a large batch would hang there (multiprocessing's fork pools do this)."""
+    import multiprocessing
+    texts = ["a photo of a cat"] * 40_000 + ["un café"] * 40_000
+    fastclip.tokenize(texts[:10])
+    torch.nn.functional.gelu(torch.randn(1_000_000))  # starts the parent's thread pool
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_tokenize_shape, args=(texts, queue))
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+        pytest.fail("tokenize hung in a forked child")
+    assert queue.get(timeout=5) == (80_000, 77)
