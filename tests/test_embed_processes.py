@@ -69,3 +69,23 @@ def test_two_torchrun_ranks_give_the_rows_of_one_process(tmp_path):
                  for name in ("ranks", "one")]
     assert manifests[0]["counts"] == manifests[1]["counts"]
     assert os.path.exists(tmp_path / "ranks" / "failures.jsonl")
+
+
+def test_a_refused_output_folder_stops_every_torchrun_rank(tmp_path):
+    """Rank 0 checks the output folder; the other rank must stop with its error at once, not
+    wait at a barrier until the process group's timeout."""
+    write_images(tmp_path / "images", 2)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("not a fastclip job")
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fastclip", "embed", "--images", str(tmp_path / "images"),
+         "-o", str(tmp_path / "taken"), "--model", tiny_checkpoint(), "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120
+    assert "is not empty and holds no fastclip job" in result.stderr, result.stderr
+    assert "rank 0 stopped the job" in result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path / "taken")) == ["notes.txt"]

@@ -253,13 +253,39 @@ def default_device():
 # ---------------------------------------------------------------------------------------
 # Output folder set-up and resume
 
+_SHARED_ERRORS = (FileExistsError, FileNotFoundError, ValueError, TimeoutError)
+
+
+def on_rank_zero(rank, action):
+    """Run ``action`` on rank 0 only. With a process group, every rank learns whether it
+    failed and raises the same error, rather than waiting at the next barrier (until the
+    group's timeout) for a rank that has stopped."""
+    import torch.distributed as dist
+    error = None
+    if rank == 0:
+        try:
+            action()
+        except Exception as caught:  # re-raised below, after the other ranks are told
+            error = caught
+    if dist.is_available() and dist.is_initialized():
+        outcome = [None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(outcome, src=0)
+        if rank != 0 and outcome[0] is not None:
+            kind, message = outcome[0]
+            shared = {cls.__name__: cls for cls in _SHARED_ERRORS}
+            raise shared.get(kind, RuntimeError)(f"rank 0 stopped the job: {message}")
+    if error is not None:
+        raise error
+
+
 def prepare_output(folder, plan, job, resume, rank):
     """Check the output folder and record the plan. Rank 0 decides; other ranks wait for its
     plan (at a barrier when a process group exists, else by watching for the file)."""
     import torch.distributed as dist
     grouped = dist.is_available() and dist.is_initialized()
     alone = int(os.environ.get("WORLD_SIZE", 1)) == 1
-    if rank == 0:
+
+    def decide():
         check_output_is_free(folder, resume)
         if resume and os.path.exists(folder.plan_path):
             _check_same_job(folder, plan, job)
@@ -271,6 +297,8 @@ def prepare_output(folder, plan, job, resume, rank):
             folder.remove_temporaries()
         write_json(folder.plan_path, {"fingerprint": plan.fingerprint,
                                       "chunks": len(plan.chunks), "job": job})
+
+    on_rank_zero(rank, decide)
     if not barrier() and rank != 0:
         _wait_for_plan(folder, plan)
     if rank != 0 and resume:
@@ -397,8 +425,7 @@ def embed(output, images=(), texts=(), model="ViT-B/32", batch_size=256, num_wor
                     text_column=text_column, embed_captions=embed_captions, limit=limit)
     rank, world_size, created_group = distributed_rank()
     folder = OutputFolder(output, plan.name_width)
-    if rank == 0:
-        check_output_is_free(folder, resume)
+    on_rank_zero(rank, lambda: check_output_is_free(folder, resume))
     device = torch.device(device or default_device())
     if device.type == "cuda":
         # Streams and events below belong to the current device: make it this rank's.
