@@ -24,6 +24,7 @@ from fastclip.model import ResidualAttentionBlock, build_model_from_config  # no
 from fastclip.model import convert_weights  # noqa: E402
 
 from numerics import cosine, worst_element  # noqa: E402
+from small_models import small_clip  # noqa: E402
 
 if not CUDA and not kernels.INTERPRETED:
     raise RuntimeError("fastclip.kernels was imported before TRITON_INTERPRET=1 was set, so its "
@@ -233,13 +234,6 @@ def test_backend_runs_only_where_the_kernels_can():
     if CUDA:
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             kernels.attention(torch.zeros(1, 2, 3 * 64), 1, False)
-
-
-def small_clip():
-    return build_model_from_config(
-        "ViT-B/32", embed_dim=64, image_resolution=64, vision_layers=2, vision_width=128,
-        transformer_layers=2, transformer_width=128, transformer_heads=2, vocab_size=1000,
-    ).eval()
 
 
 def clip_inputs():

@@ -5,17 +5,9 @@ import torch
 
 from fastclip.cuda_graphs import (CUDAGraphed, captured_batch_size, disable_cuda_graphs,
                                   enable_cuda_graphs)
-from fastclip.model import build_model_from_config
 
 from numerics import assert_close_relative
-
-
-def small_clip():
-    return build_model_from_config(
-        "ViT-B/32", embed_dim=64, image_resolution=64, vision_layers=2, vision_width=128,
-        transformer_layers=2, transformer_width=128, transformer_heads=2, vocab_size=1000,
-    ).eval()
-
+from small_models import small_clip
 
 def test_batches_pad_to_the_smallest_captured_size():
     sizes = (1, 2, 4, 8)
