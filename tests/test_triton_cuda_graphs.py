@@ -9,6 +9,7 @@ from fastclip.cuda_graphs import (CUDAGraphed, captured_batch_size, disable_cuda
 from numerics import assert_close_relative
 from small_models import small_clip
 
+
 def test_batches_pad_to_the_smallest_captured_size():
     sizes = (1, 2, 4, 8)
     assert [captured_batch_size(n, sizes) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
