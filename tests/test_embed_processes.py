@@ -89,3 +89,33 @@ def test_a_refused_output_folder_stops_every_torchrun_rank(tmp_path):
     assert "is not empty and holds no fastclip job" in result.stderr, result.stderr
     assert "rank 0 stopped the job" in result.stderr, result.stderr
     assert sorted(os.listdir(tmp_path / "taken")) == ["notes.txt"]
+
+
+def test_a_rank_that_fails_mid_job_stops_the_others(tmp_path):
+    """A rank whose shard cannot be written tells the others at the end of the job: they
+    stop with an error that says to resume, and no manifest claims the job complete."""
+    write_images(tmp_path / "images", 4)
+    out = tmp_path / "out"
+    common = ["embed", "--images", str(tmp_path / "images"), "-o", out, "--model",
+              tiny_checkpoint(), "--shard-size", "1", "--num-workers", "0", "--no-progress"]
+    torchrun = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    environment = {"OMP_NUM_THREADS": "1"}
+    run_fastclip(*common, launcher=torchrun, env=environment)
+    # Shards 1 and 3 (rank 1's) are redone on --resume; a folder where shard 1's embeddings
+    # go makes rank 1's writer fail.
+    for folder, _, names in os.walk(out):  # the done markers too, in .fastclip/
+        for name in names:
+            if name.rsplit(".", 1)[0].endswith(("_1", "_3")):
+                os.remove(os.path.join(folder, name))
+    os.remove(out / "manifest.json")
+    os.makedirs(out / "img_emb" / "img_emb_1.npy")
+    result = run_fastclip(*common, "--resume", launcher=torchrun, env=environment, check=False)
+    assert result.returncode != 0
+    assert "Another rank of this job failed" in result.stderr, result.stderr
+    assert "Writing to" in result.stderr, result.stderr
+    assert not (out / "manifest.json").exists()
+    # The job completes once the obstacle is gone.
+    os.rmdir(out / "img_emb" / "img_emb_1.npy")
+    run_fastclip(*common, "--resume", launcher=torchrun, env=environment)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["inputs"] == 4 and manifest["counts"]["rows"] == 4

@@ -233,6 +233,17 @@ def barrier():
     return False
 
 
+def all_ranks_succeeded(succeeded):
+    """``(grouped, all succeeded)``: with a process group, every rank says whether it
+    succeeded (a collective, so also a barrier); without one, this rank's own outcome."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return False, succeeded
+    failed = torch.tensor([0 if succeeded else 1])
+    dist.all_reduce(failed)
+    return True, failed.item() == 0
+
+
 def default_num_workers(device):
     """Decoding processes for this rank when ``--num-workers`` is not given: the cores are
     shared by the ranks of a machine. A GPU embeds thousands of images a second, so decoding
@@ -463,17 +474,27 @@ def embed(output, images=(), texts=(), model="ViT-B/32", batch_size=256, num_wor
     bar = tqdm(total=None if None in known else sum(known), unit="item", dynamic_ncols=True,
                disable=not progress or rank != 0, desc="embed")
     writer = ShardWriter(folder, plan.metadata_columns)
+    failure = None
     try:
-        counts = embed_batches(
-            clip_model, device_batches(loader, device), writer, normalize, OUTPUT_DTYPES[dtype],
-            bar, partial(with_device_images, preprocess=preprocess, device=device,
-                         max_pixels=max_pixels))
-    finally:
-        writer.close()
-        bar.close()
-    barrier_held = barrier()
+        try:
+            counts = embed_batches(
+                clip_model, device_batches(loader, device), writer, normalize,
+                OUTPUT_DTYPES[dtype], bar, partial(with_device_images, preprocess=preprocess,
+                                                   device=device, max_pixels=max_pixels))
+        finally:
+            writer.close()
+            bar.close()
+    except Exception as error:  # raised below, once the other ranks know
+        failure = error
+    grouped, everyone_succeeded = all_ranks_succeeded(failure is None)
+    if failure is not None:
+        raise failure
+    if not everyone_succeeded:
+        raise RuntimeError(
+            "Another rank of this job failed (its own error says why). This rank's shards are "
+            "written; run the job again with --resume and the same options to complete it.")
     manifest = None
-    if rank == 0 or not barrier_held:
+    if rank == 0 or not grouped:
         manifest = folder.finalize(job, len(plan.chunks))
     if created_group:
         torch.distributed.destroy_process_group()
