@@ -158,6 +158,15 @@ def encode(model, images):
         return model.encode_image(images)
 
 
+def assert_matches_reference(model, images):
+    """The model on the torch backend (the oneDNN path) gives the reference's embeddings; the
+    model is left on the torch backend."""
+    actual = encode(model.set_backend("torch"), images)
+    expected = encode(model.set_backend("reference"), images)
+    model.set_backend("torch")
+    assert_close_relative(actual, expected, 1e-5)
+
+
 def test_cache_follows_load_state_dict():
     model = small_vit()
     other = small_vit()
@@ -178,15 +187,14 @@ def test_cache_follows_in_place_updates_and_training():
         model.visual.transformer.resblocks[0].mlp.c_fc.weight.mul_(2)
     after = encode(model, images)
     assert not torch.allclose(before, after, atol=1e-4)
-    assert_close_relative(after, encode(model.set_backend("reference"), images), 1e-5)
+    assert_matches_reference(model, images)
 
-    model.set_backend("torch").train()
+    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.encode_image(images).square().sum().backward()
     optimizer.step()
     model.eval()
-    assert_close_relative(encode(model, images),
-                          encode(model.set_backend("reference"), images), 1e-5)
+    assert_matches_reference(model, images)
 
 
 def test_cache_follows_dtype_round_trips():
@@ -199,14 +207,11 @@ def test_cache_follows_dtype_round_trips():
         assert half.dtype == dtype
         assert cosine(half.float(), first).min() > 0.999
     model.float()  # the weights are now bf16-rounded: a stale fp32 copy would differ by 1e-3
-    assert_close_relative(encode(model, images),
-                          encode(model.set_backend("reference"), images), 1e-5)
-    model.set_backend("torch")
+    assert_matches_reference(model, images)
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data * 0.5  # replaced, not written in place
-    assert_close_relative(encode(model, images),
-                          encode(model.set_backend("reference"), images), 1e-5)
+    assert_matches_reference(model, images)
 
 
 def test_writes_through_data_need_clear_cache():
@@ -217,8 +222,7 @@ def test_writes_through_data_need_clear_cache():
     for param in model.parameters():
         param.data.mul_(1.5)
     cpu_linear.clear_cache()
-    assert_close_relative(encode(model, images),
-                          encode(model.set_backend("reference"), images), 1e-5)
+    assert_matches_reference(model, images)
 
 
 def test_weights_made_under_inference_mode():
