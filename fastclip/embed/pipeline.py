@@ -233,13 +233,22 @@ def barrier():
     return False
 
 
+def _collective_device():
+    """Where tensors of a collective must be: the current GPU for NCCL (a group the caller
+    started), the CPU for gloo (the group ``distributed_rank`` starts)."""
+    import torch.distributed as dist
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_ranks_succeeded(succeeded):
     """``(grouped, all succeeded)``: with a process group, every rank says whether it
     succeeded (a collective, so also a barrier); without one, this rank's own outcome."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return False, succeeded
-    failed = torch.tensor([0 if succeeded else 1])
+    failed = torch.tensor([0 if succeeded else 1], device=_collective_device())
     dist.all_reduce(failed)
     return True, failed.item() == 0
 
@@ -280,7 +289,7 @@ def on_rank_zero(rank, action):
             error = caught
     if dist.is_available() and dist.is_initialized():
         outcome = [None if error is None else (type(error).__name__, str(error))]
-        dist.broadcast_object_list(outcome, src=0)
+        dist.broadcast_object_list(outcome, src=0, device=_collective_device())
         if rank != 0 and outcome[0] is not None:
             kind, message = outcome[0]
             shared = {cls.__name__: cls for cls in _SHARED_ERRORS}
@@ -436,11 +445,11 @@ def embed(output, images=(), texts=(), model="ViT-B/32", batch_size=256, num_wor
                     text_column=text_column, embed_captions=embed_captions, limit=limit)
     rank, world_size, created_group = distributed_rank()
     folder = OutputFolder(output, plan.name_width)
-    on_rank_zero(rank, lambda: check_output_is_free(folder, resume))
     device = torch.device(device or default_device())
     if device.type == "cuda":
-        # Streams and events below belong to the current device: make it this rank's.
+        # Streams, events and NCCL collectives below use the current device: this rank's.
         torch.cuda.set_device(device)
+    on_rank_zero(rank, lambda: check_output_is_free(folder, resume))
     if gpu_decode:
         device_decode.torchvision_decode_jpeg()  # fail now, not in the first batch
     clip_model, preprocess = load_model(model, device, backend,
