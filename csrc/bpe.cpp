@@ -171,26 +171,14 @@ class BPE : public torch::CustomClassHolder {
   // byte count. Returns the ids of all words one after the other, and how many each has.
   std::tuple<at::Tensor, at::Tensor> encode_words(const at::Tensor& bytes,
                                                   const at::Tensor& lengths) const {
-    const at::Tensor data = checked_bytes(bytes, lengths, "word");
-    const uint8_t* text = data.data_ptr<uint8_t>();
-    const at::Tensor lengths_c = lengths.contiguous();
-    const int64_t* length = lengths_c.data_ptr<int64_t>();
-    const int64_t words = lengths_c.numel();
-    for (int64_t w = 0; w < words; ++w) {
-      TORCH_CHECK(length[w] >= 1, kOp, ": word ", w, " has length ", length[w],
-                  "; every word has at least one byte.");
-    }
-    std::vector<int64_t> ids;
-    ids.reserve(data.numel());
-    at::Tensor counts = at::empty({words}, lengths.options());
-    int64_t* count = counts.data_ptr<int64_t>();
     Word word;
-    int64_t offset = 0;
-    for (int64_t w = 0; w < words; ++w) {
-      count[w] = encode_word(text + offset, length[w], word, ids);
-      offset += length[w];
-    }
-    return {as_tensor(ids, lengths.options()), counts};
+    return encode_pieces(bytes, lengths, "word",
+                         [&](int64_t w, const uint8_t* piece, int64_t length,
+                             std::vector<int64_t>& ids) {
+      TORCH_CHECK(length >= 1, kOp, ": word ", w, " has length ", length,
+                  "; every word has at least one byte.");
+      encode_word(piece, length, word, ids);
+    });
   }
 
   // OpenAI's whole pipeline for texts of printable ASCII, tabs and newlines without "&"
@@ -199,37 +187,24 @@ class BPE : public torch::CustomClassHolder {
   // all texts one after the other, and how many each has.
   std::tuple<at::Tensor, at::Tensor> encode_plain_ascii(const at::Tensor& bytes,
                                                         const at::Tensor& lengths) const {
-    const at::Tensor data = checked_bytes(bytes, lengths, "text");
-    const uint8_t* all = data.data_ptr<uint8_t>();
-    const at::Tensor lengths_c = lengths.contiguous();
-    const int64_t* length = lengths_c.data_ptr<int64_t>();
-    const int64_t texts = lengths_c.numel();
-    std::vector<int64_t> ids;
-    ids.reserve(data.numel());
-    at::Tensor counts = at::empty({texts}, lengths.options());
-    int64_t* count = counts.data_ptr<int64_t>();
     Word word;
     std::vector<uint8_t> lower;
-    int64_t offset = 0;
-    for (int64_t t = 0; t < texts; ++t) {
-      TORCH_CHECK(length[t] >= 0, kOp, ": text ", t, " has length ", length[t], ".");
-      lower.resize(length[t]);
-      for (int64_t i = 0; i < length[t]; ++i) {
-        const uint8_t c = all[offset + i];
+    return encode_pieces(bytes, lengths, "text",
+                         [&](int64_t t, const uint8_t* text, int64_t length,
+                             std::vector<int64_t>& ids) {
+      lower.resize(length);
+      for (int64_t i = 0; i < length; ++i) {
+        const uint8_t c = text[i];
         TORCH_CHECK(c == '\t' || c == '\n' || (c >= 0x20 && c <= 0x7e && c != '&'), kOp,
                     ": text ", t, " has byte ", static_cast<int>(c),
                     " at ", i, "; encode_plain_ascii takes printable ASCII, tabs and newlines "
                     "without '&' only.");
         lower[i] = (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c;
       }
-      offset += length[t];
-      const size_t before = ids.size();
       split_plain_ascii(lower, [&](size_t start, size_t size) {
         encode_word(lower.data() + start, static_cast<int64_t>(size), word, ids);
       }, ids);
-      count[t] = static_cast<int64_t>(ids.size() - before);
-    }
-    return {as_tensor(ids, lengths.options()), counts};
+    });
   }
 
  private:
@@ -256,14 +231,39 @@ class BPE : public torch::CustomClassHolder {
     return bytes.contiguous();
   }
 
+  // Calls encode(index, piece, length, ids) for each piece that lengths cut bytes into,
+  // which appends the piece's ids; returns all ids and how many each piece added.
+  template <typename EncodePiece>
+  std::tuple<at::Tensor, at::Tensor> encode_pieces(const at::Tensor& bytes,
+                                                   const at::Tensor& lengths, const char* what,
+                                                   EncodePiece encode) const {
+    const at::Tensor data = checked_bytes(bytes, lengths, what);
+    const uint8_t* all = data.data_ptr<uint8_t>();
+    const at::Tensor lengths_c = lengths.contiguous();
+    const int64_t* length = lengths_c.data_ptr<int64_t>();
+    const int64_t pieces = lengths_c.numel();
+    std::vector<int64_t> ids;
+    ids.reserve(data.numel());
+    at::Tensor counts = at::empty({pieces}, lengths.options());
+    int64_t* count = counts.data_ptr<int64_t>();
+    int64_t offset = 0;
+    for (int64_t p = 0; p < pieces; ++p) {
+      const size_t before = ids.size();
+      encode(p, all + offset, length[p], ids);
+      count[p] = static_cast<int64_t>(ids.size() - before);
+      offset += length[p];
+    }
+    return {as_tensor(ids, lengths.options()), counts};
+  }
+
   static at::Tensor as_tensor(const std::vector<int64_t>& ids, const at::TensorOptions& options) {
     at::Tensor out = at::empty({static_cast<int64_t>(ids.size())}, options);
     std::copy(ids.begin(), ids.end(), out.data_ptr<int64_t>());
     return out;
   }
 
-  // Appends the ids of one word (its UTF-8 bytes) to ids; returns how many.
-  int64_t encode_word(const uint8_t* bytes, int64_t length, Word& word,
+  // Appends the ids of one word (its UTF-8 bytes) to ids.
+  void encode_word(const uint8_t* bytes, int64_t length, Word& word,
                       std::vector<int64_t>& ids) const {
     word.ids.clear();
     for (int64_t i = 0; i < length; ++i) {
@@ -272,7 +272,6 @@ class BPE : public torch::CustomClassHolder {
     }
     merge_word(word, *merges_, merged_ids_.data());
     ids.insert(ids.end(), word.ids.begin(), word.ids.end());
-    return static_cast<int64_t>(word.ids.size());
   }
 
   // OpenAI's regex on lowercase ASCII, alternatives in its order:

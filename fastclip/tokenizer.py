@@ -232,11 +232,9 @@ class SimpleTokenizer:
         return self._bpe_batch_native(words)
 
     def _bpe_batch_native(self, words):
-        data = bytearray("".join(words).encode("utf-8"))
-        lengths = np.fromiter(map(len, words), np.int64, len(words))
-        if len(data) != lengths.sum():  # some characters take several bytes
-            lengths = np.fromiter((len(w.encode("utf-8")) for w in words), np.int64, len(words))
-        ids, counts = self._native.encode_words(_byte_tensor(data), torch.from_numpy(lengths))
+        data, lengths = _utf8(words)
+        ids, counts = self._native.encode_words(_byte_tensor(bytearray(data)),
+                                                torch.from_numpy(lengths))
         return ids.numpy(), counts.numpy()
 
     def _bpe_batch_numpy(self, words):
@@ -247,10 +245,7 @@ class SimpleTokenizer:
         in that word; only the pairs next to a merge change rank. Words with no mergeable
         pair leave the arrays. The rounds are as many as the longest word needs.
         """
-        data = "".join(words).encode("utf-8")
-        lengths = np.fromiter(map(len, words), np.int64, len(words))
-        if len(data) != lengths.sum():  # some characters take several bytes
-            lengths = np.fromiter((len(w.encode("utf-8")) for w in words), np.int64, len(words))
+        data, lengths = _utf8(words)
         raw = np.frombuffer(data, np.uint8)
         symbols = self._byte_ids[raw]
         last = np.cumsum(lengths) - 1
@@ -361,6 +356,15 @@ class SimpleTokenizer:
         text = "".join(self.decoder[int(i)] for i in ids)
         data = bytearray(self.byte_decoder[c] for c in text)
         return data.decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+def _utf8(words):
+    """The UTF-8 bytes of ``words`` one after the other, and each word's byte count."""
+    data = "".join(words).encode("utf-8")
+    lengths = np.fromiter(map(len, words), np.int64, len(words))
+    if len(data) != lengths.sum():  # some characters take several bytes
+        lengths = np.fromiter((len(w.encode("utf-8")) for w in words), np.int64, len(words))
+    return data, lengths
 
 
 def _byte_tensor(data):
