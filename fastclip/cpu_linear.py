@@ -19,7 +19,7 @@ rebuilt when the weight is replaced or changed in place (its version counter mov
 storage is not the one the copy was made from). Writes through ``weight.data`` bypass the
 version counter; call :func:`clear_cache` after them. Weights made under
 ``torch.inference_mode`` have no version counter: they are never cached, and run through
-oneDNN as they are (a little slower: no packed layout, QuickGELU not fused). The copies cost
+oneDNN as they are (slower: no packed layout, QuickGELU not fused). The copies cost
 one more copy of each transformer weight in memory; setting the environment variable
 ``FASTCLIP_CPU_PREPACK=0`` turns the path off.
 """
