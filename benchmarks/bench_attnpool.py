@@ -12,7 +12,7 @@ On a CUDA device, with CUDA events (the median of many calls, after warm-up):
 
     python benchmarks/bench_attnpool.py --gpu --json attnpool_gpu.json
 
-Implementations: ``openai`` is ``fastclip.reference.attention_pool2d`` (K and V for every
+Implementations: ``openai`` is ``fastclip.ops.reference.attention_pool2d`` (K and V for every
 token), ``algebra`` the PyTorch fallback ``attention_pool2d_single_query``, ``op`` the compiled
 ``torch.ops.fastclip.attention_pool2d`` (skipped where ``fastclip._C`` is not built).
 """
@@ -27,8 +27,8 @@ import statistics
 import pytest
 import torch
 
-from fastclip import attention_pool, reference
 from fastclip.model import CONFIGS
+from fastclip.ops import attention_pool, extension, reference
 
 
 def pool_shape(name):
@@ -54,7 +54,7 @@ def random_inputs(name, batch, dtype=torch.float32, device="cpu"):
 def implementations():
     found = {"openai": reference.attention_pool2d,
              "algebra": attention_pool.attention_pool2d_single_query}
-    if attention_pool.EXTENSION_LOADED:
+    if extension.LOADED:
         found["op"] = torch.ops.fastclip.attention_pool2d
     return found
 
@@ -79,7 +79,7 @@ def cached_inputs(case):
 def test_attention_pool2d_cpu(benchmark, case, implementation):
     function = implementations().get(implementation)
     if function is None:
-        pytest.skip(f"the compiled op is not available ({attention_pool.EXTENSION_ERROR})")
+        pytest.skip(f"the compiled op is not available ({extension.ERROR})")
     args = cached_inputs(case)
     benchmark.group = case
     # The machine is shared: the load average says how much the timings were disturbed.

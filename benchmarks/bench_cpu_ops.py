@@ -1,11 +1,11 @@
-"""The CPU path's fused products (``fastclip.cpu_linear``) against the PyTorch ops they
+"""The CPU path's fused products (``fastclip.ops.cpu_linear``) against the PyTorch ops they
 replace, at the shapes of ViT-B/32's image tower and the text tower, batch 32:
 
 - ``linear``: the attention's packed QKV projection, ``cpu_linear.linear`` (oneDNN on a
   prepacked weight) against ``F.linear``;
 - ``mlp``: a block's MLP with its residual add, ``cpu_linear.mlp`` (QuickGELU and the add in
   the products' epilogues) against ``F.linear``, an in-place QuickGELU, ``F.linear`` and the
-  add, and against ``fastclip.reference.mlp``.
+  add, and against ``fastclip.ops.reference.mlp``.
 
 Each round calls every contender once in a rotating order (``timing.Rounds``); the ratios
 are of the median times, in one run. Without oneDNN every case skips.
@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastclip import cpu_linear, reference
+from fastclip.ops import cpu_linear, reference
 
 from machine import bench_sizes
 from timing import Rounds

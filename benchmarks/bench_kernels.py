@@ -8,9 +8,9 @@ runs the op ``REPEATS`` times and synchronizes, so the time per op is the median
 import pytest
 import torch
 
-from fastclip import reference
-from fastclip.backends import TORCH, get_backend
 from fastclip.model import ResidualAttentionBlock
+from fastclip.ops import reference
+from fastclip.ops.dispatch import TORCH, get_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -110,8 +110,8 @@ def test_block(benchmark, shape, implementation):
 def test_small_batch_image_encoding(benchmark, batch, graphs):
     """ViT-B/32's image tower (random weights, fp16, Triton backend) at small batches, where
     launch overhead dominates: plain calls against CUDA graph replays."""
-    from fastclip.cuda_graphs import enable_cuda_graphs
     from fastclip.model import build_model_from_config, convert_weights
+    from fastclip.ops.cuda_graphs import enable_cuda_graphs
 
     model = convert_weights(build_model_from_config("ViT-B/32").cuda().eval(), DTYPE)
     model.set_backend("triton")

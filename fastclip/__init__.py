@@ -1,37 +1,35 @@
 """fastclip: a fast, faithful drop-in replacement for OpenAI's ``clip`` package."""
 
-from .backends import get_backend
-from .cuda_graphs import enable_cuda_graphs
-from .loading import available_models, load, load_state_dict
+from .checkpoints import load_state_dict
+from .loading import available_models, default_device, load
 from .model import CLIP, CONFIGS, build_model, build_model_from_config, convert_weights
+from .ops.cuda_graphs import enable_cuda_graphs
+from .ops.dispatch import get_backend
 from .tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 from .transform import Preprocess
+from .version import __version__
 from .zero_shot import IMAGENET_TEMPLATES, zero_shot_classifier
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "CLIP", "CONFIGS", "IMAGENET_TEMPLATES", "Preprocess", "SimpleTokenizer", "available_models", "build_model",
-    "build_model_from_config", "convert_weights", "enable_cuda_graphs", "get_backend",
-    "get_tokenizer", "info", "load", "load_state_dict", "tokenize",
-    "zero_shot_classifier",
+    "CLIP", "CONFIGS", "IMAGENET_TEMPLATES", "Preprocess", "SimpleTokenizer", "__version__",
+    "available_models", "build_model", "build_model_from_config", "convert_weights",
+    "default_device", "enable_cuda_graphs", "get_backend", "get_tokenizer", "info", "load",
+    "load_state_dict", "tokenize", "zero_shot_classifier",
 ]
 
 
 def info():
-    """What this installation runs: versions, devices, the backend ``auto`` picks, and
-    whether the compiled extension ``fastclip._C`` is loaded (else attention pooling runs
-    its PyTorch fallback), and the dtypes whose CPU linear layers run on prepacked oneDNN
-    weights (``fastclip.cpu_linear``; empty when oneDNN is absent or switched off), and
-    whether the tokenizer merges with the compiled op (``native``) or numpy."""
+    """What this installation runs: versions, the default device, the backend ``auto``
+    picks there, whether the compiled extension ``fastclip._C`` is loaded (else attention
+    pooling runs its PyTorch algebra), the dtypes whose CPU linear layers run on prepacked
+    oneDNN weights (``fastclip.ops.cpu_linear``; empty when oneDNN is absent or switched off),
+    and whether the tokenizer merges with the compiled class (``native``) or in Python."""
     import torch
 
-    from . import cpu_linear
-    from .attention_pool import extension_info
-    from .tokenizer import get_tokenizer
-    from .backends import get_backend as resolve
+    from .ops import cpu_linear
+    from .ops.attention_pool import extension_info
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     try:
         import triton
         triton_version = triton.__version__
@@ -42,8 +40,8 @@ def info():
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "default_device": device,
-        "auto_backend": resolve("auto", device).name,
+        "default_device": str(device),
+        "auto_backend": get_backend("auto", device).name,
         "extension": extension_info(),
         "cpu_prepacked_linear": cpu_linear.dtype_names(),
         "tokenizer_bpe": get_tokenizer().bpe_implementation,

@@ -1,180 +1,65 @@
-"""``load``, ``available_models`` and checkpoint reading: OpenAI's ``clip.load`` API.
+"""``load`` and ``available_models``: OpenAI's ``clip.load`` API, with fastclip's model.
 
-OpenAI's released checkpoints are TorchScript archives. fastclip reads only their weights
-and builds its own model; it never runs an archive's code. Plain state dicts are read with
-``torch.load(..., weights_only=True)``.
+One loading path serves the library, the embed job, zero-shot classification, search, Ray
+and training: a model name, a checkpoint path or ``random:<architecture>`` becomes a model
+in eval mode, in one dtype, on one device, with one backend (:func:`place_model`).
 """
 
-import hashlib
-import http.client
 import os
-import tempfile
-import urllib.error
-import urllib.request
 import warnings
-import zipfile
 
 import torch
-from tqdm import tqdm
 
-from .cuda_graphs import enable_cuda_graphs
-from .model import build_model, convert_weights
+from .checkpoints import available_models, checkpoint_path, load_state_dict
+from .model import build_model, build_model_from_config, convert_weights
+from .ops.cuda_graphs import enable_cuda_graphs
 from .transform import Preprocess
 
-_MODELS = {
-    "RN50": "https://openaipublic.azureedge.net/clip/models/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
-    "RN101": "https://openaipublic.azureedge.net/clip/models/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
-    "RN50x4": "https://openaipublic.azureedge.net/clip/models/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
-    "RN50x16": "https://openaipublic.azureedge.net/clip/models/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
-    "RN50x64": "https://openaipublic.azureedge.net/clip/models/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
-    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-}
+__all__ = ["RANDOM_PREFIX", "TINY_CONFIG", "available_models", "default_device", "load",
+           "place_model", "random_model"]
 
-DEFAULT_ROOT = os.path.expanduser("~/.cache/clip")  # the cache OpenAI's package uses
-
-
-class ChecksumError(RuntimeError):
-    """A checkpoint's SHA256 is not the one published for it."""
-
-
-# Models shipped inside the package (no download): name -> file in fastclip/pretrained/.
-_BUNDLED = {"fastclip-shapes-rn": "fastclip-shapes-rn.pt"}
-_PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
-
-
-def available_models():
-    """The names of the models ``load`` can fetch, then those shipped with fastclip."""
-    return list(_MODELS) + list(_BUNDLED)
-
-
-def _bundled_path(name):
-    path = os.path.join(_PRETRAINED_DIR, _BUNDLED[name])
-    if not os.path.isfile(path):
-        raise RuntimeError(
-            f"The bundled model {name} should be at {path}, but that file is missing: this "
-            "installation of fastclip lacks its package data. Reinstall fastclip, or train "
-            "the model again with python -m fastclip.train (see the README).")
-    return path
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _download(url, root):
-    """Fetch ``url`` into ``root`` (reusing a cached copy whose SHA256 matches) and return
-    the file's path. The expected SHA256 is the URL's second-to-last path part. The file is
-    written under a temporary name and renamed only once complete and verified, so a cut or
-    corrupt download never becomes the cached file."""
-    os.makedirs(root, exist_ok=True)
-    filename = os.path.basename(url)
-    expected = url.split("/")[-2]
-    target = os.path.join(root, filename)
-
-    if os.path.isfile(target):
-        if _sha256(target) == expected:
-            return target
-        warnings.warn(f"{target} exists but its SHA256 does not match {expected}; "
-                      "downloading it again.")
-
-    # A private temporary file in the cache folder: concurrent downloads never share it, and
-    # the rename onto the cached name is atomic.
-    handle, partial = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=root)
-    try:
-        with os.fdopen(handle, "wb") as output:
-            _fetch(url, output, filename, root)
-        actual = _sha256(partial)
-        if actual != expected:
-            raise ChecksumError(
-                f"The file downloaded from {url} has SHA256 {actual}, not the published "
-                f"{expected}; it was not saved. Try again, or load a verified local file "
-                "with fastclip.load(path).")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return target
-
-
-def _fetch(url, output, filename, root, timeout=60):
-    """Stream ``url`` into the open file ``output`` with a progress bar. Network failures,
-    including a connection closed before Content-Length bytes, raise a RuntimeError naming
-    the URL and the offline alternative; errors writing the file are left as they are."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as source:
-            total = source.headers.get("Content-Length")
-            total = int(total) if total else None
-            received = 0
-            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024,
-                      desc=filename) as bar:
-                for chunk in iter(lambda: source.read(1 << 16), b""):
-                    output.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-        if total is not None and received != total:
-            raise ConnectionError(f"the connection closed after {received} of {total} bytes")
-    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError,
-            ValueError) as error:
-        raise RuntimeError(
-            f"Could not download {url}: {error}. Without network access, download the file "
-            f"elsewhere and load it with fastclip.load('/path/to/{filename}'), or put it in "
-            f"{root}.") from error
-
-
-def _is_torchscript_archive(path):
-    """TorchScript archives are zip files whose top folder holds ``constants.pkl`` and a
-    ``code/`` folder; ``torch.save`` files hold neither (their top folder is named after the
-    file, which may itself be called ``code``)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        second_parts = {tuple(name.split("/")[1:2]) for name in archive.namelist()}
-    return ("constants.pkl",) in second_parts and ("code",) in second_parts
-
-
-def _unwrap_state_dict(checkpoint, path):
-    """Accept plain state dicts and training checkpoints (``{"state_dict": ...}``,
-    ``module.`` prefixes from DistributedDataParallel)."""
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict) or not all(
-            isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path} does not contain a state dict of tensors; fastclip.load "
-                         "expects an OpenAI CLIP archive or a CLIP state dict.")
-    if checkpoint and all(k.startswith("module.") for k in checkpoint):
-        checkpoint = {k[len("module."):]: v for k, v in checkpoint.items()}
-    return checkpoint
-
-
-def load_state_dict(path):
-    """The state dict stored at ``path``: an OpenAI TorchScript archive (only its weights are
-    read) or a ``torch.save``'d state dict, loaded with ``weights_only=True``."""
-    try:
-        if _is_torchscript_archive(path):
-            # Deserializing the archive compiles its TorchScript code but does not run it;
-            # only the parameters and buffers are taken.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-                archive = torch.jit.load(path, map_location="cpu")
-            return dict(archive.state_dict())
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a file it cannot read
-        raise ValueError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {error}). "
-            "fastclip.load expects an OpenAI CLIP .pt archive or a state dict saved with "
-            "torch.save.") from error
-    return _unwrap_state_dict(checkpoint, path)
+RANDOM_PREFIX = "random:"
+# ``random:tiny``: a ViT small enough to embed hundreds of images a second on a laptop CPU.
+# Its embeddings mean nothing; it exists to try a job without downloading weights.
+TINY_CONFIG = dict(vision_layers=2, vision_width=128, image_resolution=64, vision_patch_size=16,
+                   transformer_layers=2, transformer_width=128, embed_dim=64)
 
 
 def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where a model goes when no device is given: this process's GPU when CUDA is available
+    (``cuda:LOCAL_RANK`` under a launcher such as torchrun, else ``cuda:0``), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def default_dtype(device):
+    """fp16 on CUDA and fp32 elsewhere, as OpenAI's ``clip.load``."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def random_model(architecture, dtype=None):
+    """A model of random weights: ``"tiny"`` (:data:`TINY_CONFIG`) or one of the nine
+    architectures (``"ViT-B/32"``: full size). Seeded, so every process that builds one gets
+    the same weights, without moving the caller's random number generator."""
+    overrides = TINY_CONFIG if architecture == "tiny" else {}
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = build_model_from_config("ViT-B/32" if architecture == "tiny" else architecture,
+                                        **overrides)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    if dtype is not None and dtype != torch.float32:
+        convert_weights(model, dtype)
+    return model
+
+
+def place_model(model, device=None, backend="auto"):
+    """Move ``model`` to ``device`` (:func:`default_device` when None), put it in eval mode
+    and choose its backend for that device. Returns the model."""
+    device = torch.device(device) if device is not None else default_device()
+    return model.to(device).eval().set_backend(backend)
 
 
 def load(name, device=None, jit=False, download_root=None, dtype=None, backend="auto",
@@ -183,22 +68,24 @@ def load(name, device=None, jit=False, download_root=None, dtype=None, backend="
 
     Parameters
     ----------
-    name : a name from ``available_models()`` or a path to a checkpoint (an OpenAI
-        TorchScript archive, or a state dict, including ``{"state_dict": ...}`` checkpoints).
-    device : where to put the model; CUDA when available, else the CPU.
+    name : a name from ``available_models()``, a path to a checkpoint (an OpenAI
+        TorchScript archive, or a state dict, including ``{"state_dict": ...}`` checkpoints),
+        or ``random:tiny`` / ``random:<architecture>`` (seeded random weights, for trying
+        things out without a download).
+    device : where to put the model; see :func:`default_device`.
     jit : accepted for compatibility with OpenAI's API; fastclip always returns its own model.
     download_root : where downloads are cached; ``~/.cache/clip`` by default.
     dtype : the weights' dtype; fp16 on CUDA and fp32 on the CPU by default, as OpenAI's.
         fp16 and bf16 use OpenAI's mixed layout (``convert_weights``): norms, embeddings and
         ``logit_scale`` stay in fp32.
     backend : ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (see
-        ``fastclip.backends``).
+        ``fastclip.ops.dispatch``).
     quick_gelu : ``False`` builds the nn.GELU variant (LAION's open_clip checkpoints).
     vision_heads, transformer_heads : head counts, for checkpoints whose heads are not 64
         wide (OpenAI's all are; LAION's ViT-H/14 has ``vision_heads=16``). A state dict
         does not record them.
     cuda_graphs : on CUDA, ``True`` (or a tuple of batch sizes) makes ``encode_image`` and
-        ``encode_text`` replay CUDA graphs for small batches (see ``fastclip.cuda_graphs``
+        ``encode_text`` replay CUDA graphs for small batches (see ``fastclip.ops.cuda_graphs``
         for the static-shape rules).
 
     Returns ``(model, preprocess)``: the model in eval mode, and a callable turning a PIL
@@ -207,27 +94,19 @@ def load(name, device=None, jit=False, download_root=None, dtype=None, backend="
     if jit:
         warnings.warn("fastclip.load(jit=True): fastclip runs its own model, not the "
                       "TorchScript archive; returning that model.", stacklevel=2)
-    if name in _MODELS:
-        path = _download(_MODELS[name], download_root or DEFAULT_ROOT)
-    elif name in _BUNDLED:
-        path = _bundled_path(name)
-    elif os.path.isfile(name):
-        path = name
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if name.startswith(RANDOM_PREFIX):
+        model = random_model(name[len(RANDOM_PREFIX):], dtype)
     else:
-        raise RuntimeError(
-            f"Model {name} not found; available models = {available_models()}, or pass the "
-            "path of a checkpoint file.")
-
-    model = build_model(load_state_dict(path), quick_gelu=quick_gelu,
-                        vision_heads=vision_heads, transformer_heads=transformer_heads)
-    device = torch.device(device if device is not None else default_device())
-    if dtype is None:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model.float()
-    if dtype != torch.float32:
-        convert_weights(model, dtype)
-    model.to(device).eval()
-    model.set_backend(backend)
+        path = checkpoint_path(name, download_root)
+        if path is None:
+            raise RuntimeError(
+                f"Model {name} not found; available models = {available_models()}, or pass "
+                f"the path of a checkpoint file, or {RANDOM_PREFIX}tiny.")
+        model = build_model(load_state_dict(path), quick_gelu=quick_gelu, dtype=dtype,
+                            vision_heads=vision_heads, transformer_heads=transformer_heads)
+    place_model(model, device, backend)
     if cuda_graphs:
         sizes = {} if cuda_graphs is True else {"batch_sizes": tuple(cuda_graphs)}
         enable_cuda_graphs(model, **sizes)

@@ -3,7 +3,7 @@ QuickGELU, ResidualAttentionBlock, Transformer, VisionTransformer, CLIP.
 
 Parameter names are the keys of OpenAI's checkpoints, so they load with ``strict=True``.
 Token sequences are batch-first, ``(N, L, D)``. Blocks compute through ``self.ops`` (a
-``fastclip.backends.Backend``), which ``CLIP.set_backend`` chooses for the whole model.
+``fastclip.ops.Backend``), which ``CLIP.set_backend`` chooses for the whole model.
 """
 
 import math
@@ -12,8 +12,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import reference
-from .backends import REFERENCE, get_backend
+from .ops import reference
+from .ops.dispatch import REFERENCE, ComputesWithBackend, get_backend
 
 
 class Bottleneck(nn.Module):
@@ -48,9 +48,7 @@ class Bottleneck(nn.Module):
         return self.relu3(out + identity)
 
 
-class AttentionPool2d(nn.Module):
-    ops = REFERENCE
-
+class AttentionPool2d(nn.Module, ComputesWithBackend):
     def __init__(self, spacial_dim, embed_dim, num_heads, output_dim=None):
         super().__init__()
         self.positional_embedding = nn.Parameter(
@@ -111,18 +109,16 @@ class ModifiedResNet(nn.Module):
         return self.avgpool(x)
 
     def forward(self, x):
-        # channels_last: the CPU's oneDNN convolutions prefer it, and every layer here keeps
-        # the layout (its share of RN50's speed-up is not recorded separately from the
-        # pooling op's; see benchmarks/results/). The math is unchanged.
+        # channels_last: oneDNN's convolutions prefer it, and every layer here keeps the
+        # layout. The math is unchanged.
         x = x.to(self.conv1.weight.dtype, memory_format=torch.channels_last)
         x = self.stem(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.attnpool(x)
 
 
-class LayerNorm(nn.LayerNorm):
+class LayerNorm(nn.LayerNorm, ComputesWithBackend):
     """LayerNorm computed in fp32 whatever the input's dtype, then cast back."""
-    ops = REFERENCE
 
     def forward(self, x):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
@@ -137,10 +133,9 @@ class QuickGELU(nn.Module):
         return reference.quick_gelu(x)
 
 
-class MultiheadAttention(nn.Module):
+class MultiheadAttention(nn.Module, ComputesWithBackend):
     """Self-attention with the parameter layout of ``nn.MultiheadAttention`` (a packed
     ``in_proj`` and an ``out_proj``), so OpenAI's keys load; batch-first."""
-    ops = REFERENCE
 
     def __init__(self, d_model, n_head):
         super().__init__()
@@ -157,20 +152,20 @@ class MultiheadAttention(nn.Module):
                                self.out_proj.weight, self.out_proj.bias)
 
 
-class MLP(nn.Module):
-    """c_fc -> gelu -> c_proj, named as in OpenAI's checkpoints."""
-    ops = REFERENCE
+class MLP(nn.Module, ComputesWithBackend):
+    """c_fc -> activation -> c_proj, named as in OpenAI's checkpoints. The activation is
+    QuickGELU (OpenAI's models) or GELU (LAION's), applied by the backend's fused op; it has
+    no parameters, so the state dict is the same either way."""
 
     def __init__(self, d_model, quick_gelu=True):
         super().__init__()
         self.c_fc = nn.Linear(d_model, d_model * 4)
-        self.gelu = QuickGELU() if quick_gelu else nn.GELU()
         self.c_proj = nn.Linear(d_model * 4, d_model)
         self.activation = "quick_gelu" if quick_gelu else "gelu"
 
     def forward(self, x, residual=None):
-        """``c_proj(gelu(c_fc(x)))``, plus ``residual`` when given (added in the product's
-        epilogue where the backend can)."""
+        """``c_proj(activation(c_fc(x)))``, plus ``residual`` when given (added in the
+        product's epilogue where the backend can)."""
         return self.ops.mlp(x, self.c_fc.weight, self.c_fc.bias,
                             self.c_proj.weight, self.c_proj.bias, self.activation, residual)
 
@@ -225,6 +220,14 @@ class VisionTransformer(nn.Module):
         x = self.transformer(self.ln_pre(x))
         x = self.ln_post(x[:, 0])
         return x @ self.proj.to(x.dtype)
+
+
+def unit_norm(features):
+    """``features`` divided by their L2 norm along the last dimension: computed in fp32 and
+    returned in ``features``' dtype, so that low-precision rows are as near unit norm as their
+    dtype allows."""
+    full = features.float()
+    return (full / full.norm(dim=-1, keepdim=True)).to(features.dtype)
 
 
 class CLIP(nn.Module):
@@ -292,7 +295,7 @@ class CLIP(nn.Module):
         """
         backend = get_backend(backend, self.logit_scale.device)
         for module in self.modules():
-            if "ops" in type(module).__dict__:
+            if isinstance(module, ComputesWithBackend):
                 module.ops = backend
         self.backend = backend.name
         return self
@@ -301,10 +304,15 @@ class CLIP(nn.Module):
     def dtype(self):
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, image):
-        return self.visual(image.type(self.dtype))
+    def encode_image(self, image, normalize=False):
+        """The image embeddings of a preprocessed ``(N, 3, H, W)`` batch; unit-norm with
+        ``normalize=True`` (computed in fp32, returned in the model's dtype)."""
+        features = self.visual(image.type(self.dtype))
+        return unit_norm(features) if normalize else features
 
-    def encode_text(self, text):
+    def encode_text(self, text, normalize=False):
+        """The text embeddings of ``(N, L)`` token ids (``fastclip.tokenize``); unit-norm
+        with ``normalize=True``."""
         if text.shape[-1] > self.context_length:
             raise ValueError(
                 f"Text tokens have length {text.shape[-1]}, longer than this model's context "
@@ -315,13 +323,12 @@ class CLIP(nn.Module):
         x = self.ln_final(self.transformer(x))
         # The features of the end-of-text token, which has the largest id in each sequence.
         x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
-        return x @ self.text_projection.type(self.dtype)
+        features = x @ self.text_projection.type(self.dtype)
+        return unit_norm(features) if normalize else features
 
     def forward(self, image, text):
-        image_features = self.encode_image(image)
-        text_features = self.encode_text(text)
-        image_features = image_features / image_features.norm(dim=1, keepdim=True)
-        text_features = text_features / text_features.norm(dim=1, keepdim=True)
+        image_features = self.encode_image(image, normalize=True)
+        text_features = self.encode_text(text, normalize=True)
         logit_scale = self.logit_scale.exp()
         logits_per_image = logit_scale * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
@@ -414,20 +421,23 @@ def infer_config(state_dict):
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-def build_model(state_dict, quick_gelu=True, vision_heads=None, transformer_heads=None):
+def build_model(state_dict, quick_gelu=True, vision_heads=None, transformer_heads=None,
+                dtype=None):
     """Build a CLIP whose architecture is inferred from ``state_dict`` and load it.
 
-    Unlike OpenAI's ``build_model``, the weights keep their dtype: an fp32 checkpoint gives an
-    fp32 model, an OpenAI fp16 checkpoint a model in OpenAI's mixed fp16 layout (see
-    ``convert_weights``). ``quick_gelu=False`` builds the nn.GELU variant used by LAION's
-    checkpoints. Head counts cannot be read off a state dict: they are inferred with OpenAI's
+    ``dtype`` is the weights' dtype, in OpenAI's mixed layout for fp16 and bf16 (see
+    ``convert_weights``); by default the checkpoint's own: unlike OpenAI's ``build_model``, an
+    fp32 checkpoint gives an fp32 model, and an OpenAI fp16 checkpoint a model in OpenAI's
+    mixed fp16 layout. The weights are converted once, as they are copied in.
+    ``quick_gelu=False`` builds the nn.GELU variant used by LAION's checkpoints. Head
+    counts cannot be read off a state dict: they are inferred with OpenAI's
     rule (64-wide heads) unless ``vision_heads`` or ``transformer_heads`` say otherwise.
     Returns the model in eval mode on the CPU.
     """
     state_dict = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
     try:
         config = infer_config(state_dict)
-        dtype = state_dict["visual.conv1.weight"].dtype
+        dtype = dtype or state_dict["visual.conv1.weight"].dtype
     except KeyError as missing:
         raise ValueError(
             f"This state dict is not a CLIP checkpoint: it has no {missing} entry.") from None

@@ -1,15 +1,18 @@
 """Top-k cosine search over an embedding folder written by ``fastclip embed`` (or any folder
-in clip-retrieval's layout), and the ``fastclip search`` command.
+in clip-retrieval's layout).
 
 The shards are memory-mapped and scored a block of rows at a time, so a folder larger than
 memory is searched with bounded memory.
 """
 
-import glob
 import json
 import os
 
 import numpy as np
+import torch
+
+from .images import IMAGE_EXTENSIONS, read_image
+from .tokenizer import tokenize
 
 EMBEDDING_FOLDERS = {"image": "img_emb", "text": "text_emb"}
 BLOCK_ROWS = 1 << 16
@@ -19,12 +22,36 @@ def embedding_shards(folder, kind="image"):
     """The sorted ``.npy`` shards of ``kind`` (``image`` or ``text``) in ``folder``."""
     if kind not in EMBEDDING_FOLDERS:
         raise ValueError(f"kind must be 'image' or 'text', got {kind!r}.")
-    pattern = os.path.join(folder, EMBEDDING_FOLDERS[kind], "*.npy")
-    shards = sorted(glob.glob(pattern))
+    shard_folder = os.path.join(folder, EMBEDDING_FOLDERS[kind])
+    names = os.listdir(shard_folder) if os.path.isdir(shard_folder) else []
+    shards = sorted(os.path.join(shard_folder, n) for n in names if n.endswith(".npy"))
     if not shards:
-        raise FileNotFoundError(f"No {kind} embeddings in {folder} (nothing matches "
-                                f"{pattern}); is it the output folder of fastclip embed?")
+        raise FileNotFoundError(f"No {kind} embeddings in {folder} (no .npy file in "
+                                f"{shard_folder}); is it the output folder of fastclip embed?")
     return shards
+
+
+def manifest_model(folder):
+    """The model that wrote ``folder``, as its ``manifest.json`` names it."""
+    manifest = os.path.join(folder, "manifest.json")
+    if not os.path.exists(manifest):
+        raise FileNotFoundError(f"{folder} has no manifest.json to name its model; name the "
+                                "model that embeds the query (--model).")
+    with open(manifest) as f:
+        return json.load(f)["model"]
+
+
+def query_vector(model, preprocess, query):
+    """The embedding of ``query`` as a numpy vector: the image at that path when ``query``
+    names an image file, else the text itself."""
+    device = model.logit_scale.device
+    with torch.inference_mode():
+        if query.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(query):
+            features = model.encode_image(preprocess(read_image(query))[None].to(device))
+        else:
+            features = model.encode_text(tokenize([query], model.context_length,
+                                                  truncate=True).to(device))
+    return features.float().cpu().numpy()[0]
 
 
 def search(folder, query, k=10, kind="image"):
@@ -70,55 +97,3 @@ def _result(folder, kind, shard, row, score):
         import pyarrow.parquet as pq
         result.update(pq.read_table(metadata).slice(row, 1).to_pylist()[0])
     return result
-
-
-# ---------------------------------------------------------------------------------------
-# fastclip search
-
-def add_arguments(parser):
-    parser.add_argument("folder", metavar="EMB_DIR", help="an output folder of fastclip embed")
-    parser.add_argument("query", help="a text, or the path of an image")
-    parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
-    parser.add_argument("--kind", choices=sorted(EMBEDDING_FOLDERS), default="image",
-                        help="search the image or the text embeddings (default: image)")
-    parser.add_argument("--model", default=None,
-                        help="the model that embeds the query (default: the manifest's)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--backend", default="auto")
-
-
-def query_model_name(folder, model):
-    if model is not None:
-        return model
-    manifest = os.path.join(folder, "manifest.json")
-    if not os.path.exists(manifest):
-        raise FileNotFoundError(f"{folder} has no manifest.json to name its model; pass "
-                                "--model.")
-    with open(manifest) as f:
-        return json.load(f)["model"]
-
-
-def run(args):
-    import torch
-
-    from .embed.decode import decode_image, read_file
-    from .embed.models import load_model
-    from .embed.pipeline import default_device
-    from .embed.sources import IMAGE_EXTENSIONS
-    from .tokenizer import tokenize
-
-    model, preprocess = load_model(query_model_name(args.folder, args.model),
-                                   args.device or default_device(), args.backend)
-    device = model.logit_scale.device
-    with torch.inference_mode():
-        if args.query.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(args.query):
-            image = preprocess(decode_image(read_file(args.query)))
-            query = model.encode_image(image[None].to(device))
-        else:
-            query = model.encode_text(tokenize([args.query], model.context_length,
-                                               truncate=True).to(device))
-    for result in search(args.folder, query.float().cpu().numpy()[0], args.k, args.kind):
-        label = result.get("image_path") or result.get("caption") or result.get("key") or \
-            f"{result['shard']}:{result['row']}"
-        print(f"{result['score']:.4f}\t{label}")
-    return 0

@@ -1,24 +1,21 @@
 """OpenAI's CLIP tokenizer: ftfy and HTML clean-up, lowercase, OpenAI's regex, byte-level BPE
 with the 49,408-token vocabulary (``bpe_simple_vocab_16e6.txt.gz``, shipped with fastclip).
 
-The ids are identical to OpenAI's ``clip.simple_tokenizer.SimpleTokenizer``. Three things make
-it faster than OpenAI's Python loop:
+The ids are identical to OpenAI's ``clip.simple_tokenizer.SimpleTokenizer``. Two engines
+merge the words' bytes:
 
-- plain ASCII text (no ``&``, no control characters) is left unchanged by ftfy and
-  ``html.unescape``, so it skips them;
-- where the compiled extension ``fastclip._C`` is built, its class ``fastclip.BPE``
-  (``csrc/bpe.cpp``) runs OpenAI's merge loop on ids, and for plain ASCII texts the whole
-  pipeline (lowercase, OpenAI's regex, merges) in C++; elsewhere the words of a batch are
-  merged by numpy array rounds that apply every word's best-ranked pair at once
-  (``SimpleTokenizer._bpe_batch_numpy``); ``tokenize`` fills its tensor from the flat ids
-  without a Python loop over texts;
-- a few words (``encode`` of one short text) take the Python merge loop
-  (``SimpleTokenizer._word_ids``) with a cache of words, cheaper than numpy's per-call overhead.
+- OpenAI's merge loop in Python (``SimpleTokenizer._bpe_pieces``), with a cache of words: the
+  reference, and what runs where the compiled extension ``fastclip._C`` is not built;
+- the class ``fastclip.BPE`` of ``fastclip._C`` (``csrc/bpe.cpp``): the same loop on ids in
+  C++, and for plain ASCII texts the whole pipeline (lowercase, OpenAI's regex, merges).
+
+Plain ASCII text (no ``&``, no control characters) is left unchanged by ftfy and
+``html.unescape``, so it skips them; ``tokenize`` fills its tensor from the flat ids without
+a Python loop over texts.
 """
 
 import gzip
 import html
-import importlib
 import os
 from functools import lru_cache
 from itertools import chain
@@ -28,7 +25,10 @@ import numpy as np
 import regex as re
 import torch
 
-_VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+from .ops import extension
+
+_VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "bpe_simple_vocab_16e6.txt.gz")
 
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -77,20 +77,6 @@ def clean(text):
     return whitespace_clean(basic_clean(text)).lower()
 
 
-def _native_bpe_class():
-    """The class ``fastclip.BPE`` of the compiled extension, or None where it is not built."""
-    try:
-        importlib.import_module("fastclip._C")
-        return torch.classes.fastclip.BPE
-    except (ImportError, OSError, RuntimeError, AttributeError):
-        return None
-
-
-# Below this many words, the Python merge loop (with its cache) beats the array rounds.
-_ARRAY_BPE_MIN_WORDS = 64
-_NO_RANK = 1 << 40  # larger than any merge rank
-
-
 class SimpleTokenizer:
     """Encode text to BPE ids and decode ids back to text, as OpenAI's tokenizer does."""
 
@@ -120,27 +106,23 @@ class SimpleTokenizer:
         self._build_merge_arrays(merges)
 
     def _build_merge_arrays(self, merges):
-        """The tables of ``_bpe_batch``: ids of the bytes, and the merges keyed by id pairs."""
+        """The tables of the compiled class: ids of the bytes (and of the bytes that end a
+        word, which carry "</w>"), and the merges keyed by id pairs, sorted."""
         encoder = self.encoder
         self._byte_ids = np.array([encoder[self.byte_encoder[b]] for b in range(256)], np.int64)
-        # A word's last byte carries "</w>": that token's id, for each byte.
         self._end_byte_ids = np.array(
             [encoder[self.byte_encoder[b] + "</w>"] for b in range(256)], np.int64)
         left = np.array([encoder[a] for a, _ in merges], np.int64)
         right = np.array([encoder[b] for _, b in merges], np.int64)
         keys = left * self.vocab_size + right
         order = np.argsort(keys)
-        self._merge_keys = keys[order]  # sorted, for searchsorted
+        self._merge_keys = keys[order]
         self._merge_ranks = order  # the rank (line in the merges file) of each sorted key
         self._merged_ids = np.array([encoder["".join(m)] for m in merges], np.int64)
-        # Words start as byte tokens (ids below 512): their pairs' ranks, as a dense table.
-        byte_pairs = (left < 512) & (right < 512)
-        self._byte_pair_ranks = np.full((512, 512), _NO_RANK, np.int64)
-        self._byte_pair_ranks[left[byte_pairs], right[byte_pairs]] = np.flatnonzero(byte_pairs)
         self._native = self._build_native()
 
     def _build_native(self):
-        native = _native_bpe_class()
+        native = extension.native_class("BPE")
         if native is None:
             return None
         tables = [torch.from_numpy(np.ascontiguousarray(table)) for table in (
@@ -159,8 +141,8 @@ class SimpleTokenizer:
 
     @property
     def bpe_implementation(self):
-        """``"native"`` (the compiled class ``fastclip.BPE``) or ``"numpy"``."""
-        return "numpy" if self._native is None else "native"
+        """``"native"`` (the compiled class ``fastclip.BPE``) or ``"python"``."""
+        return "python" if self._native is None else "native"
 
     def bpe(self, token):
         """OpenAI's ``bpe``: the pieces of one byte-encoded word, space-separated, the last
@@ -199,7 +181,7 @@ class SimpleTokenizer:
             word = out
         return word
 
-    def _word_ids(self, word):
+    def _python_word_ids(self, word):
         """The ids of one word (as the regex found it), by the Python merge loop, cached."""
         if word in self._special_ids:
             return [self._special_ids[word]]
@@ -212,74 +194,14 @@ class SimpleTokenizer:
             self._cache[word] = ids
         return ids
 
-    def _pair_ranks(self, symbols, word, positions):
-        """The merge rank of the pair (``symbols[i]``, ``symbols[i + 1]``) at each ``i`` of
-        ``positions``; ``_NO_RANK`` where it is not a merge or ``i`` ends its word."""
-        following = np.minimum(positions + 1, len(symbols) - 1)
-        keys = symbols[positions] * self.vocab_size + symbols[following]
-        slots = np.searchsorted(self._merge_keys, keys)
-        np.minimum(slots, len(self._merge_keys) - 1, out=slots)
-        ranks = np.where(self._merge_keys[slots] == keys, self._merge_ranks[slots], _NO_RANK)
-        ranks[(word[positions] != word[following]) | (positions == following)] = _NO_RANK
-        return ranks
-
-    def _bpe_batch(self, words):
-        """The ids of many words at once, by the same merges as ``bpe``: all words' ids one
-        after the other (int64), and how many each has. Natively where ``fastclip._C`` is
-        built, else by numpy rounds."""
-        if self._native is None:
-            return self._bpe_batch_numpy(words)
-        return self._bpe_batch_native(words)
-
-    def _bpe_batch_native(self, words):
-        data, lengths = _utf8(words)
-        ids, counts = self._native.encode_words(_byte_tensor(bytearray(data)),
-                                                torch.from_numpy(lengths))
-        return ids.numpy(), counts.numpy()
-
-    def _bpe_batch_numpy(self, words):
-        """``_bpe_batch`` as numpy array rounds.
-
-        All words' symbols lie in one array, with the rank of each symbol's pair with the
-        next one. Each round finds every word's lowest-ranked pair and merges it everywhere
-        in that word; only the pairs next to a merge change rank. Words with no mergeable
-        pair leave the arrays. The rounds are as many as the longest word needs.
-        """
-        data, lengths = _utf8(words)
-        raw = np.frombuffer(data, np.uint8)
-        symbols = self._byte_ids[raw]
-        last = np.cumsum(lengths) - 1
-        symbols[last] = self._end_byte_ids[raw[last]]
-        word = np.repeat(np.arange(len(words)), lengths)
-        ranks = np.full(len(symbols), _NO_RANK, np.int64)
-        ranks[:-1] = self._byte_pair_ranks[symbols[:-1], symbols[1:]]
-        ranks[last] = _NO_RANK
-
-        done_symbols, done_words = [], []
-        while len(symbols):
-            starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
-            best = np.repeat(np.minimum.reduceat(ranks, starts),
-                             np.diff(np.r_[starts, len(word)]))
-            finished = best == _NO_RANK
-            done_symbols.append(symbols[finished])
-            done_words.append(word[finished])
-            merge = _first_of_each_run((ranks == best) & ~finished)
-            symbols[merge] = self._merged_ids[ranks[merge]]
-            keep = ~finished
-            keep[1:] &= ~merge[:-1]  # the right half of each merged pair
-            merged_at = np.cumsum(keep)[merge] - 1  # where the merged symbols land
-            symbols, word, ranks = symbols[keep], word[keep], ranks[keep]
-            # The pairs that start at a merged symbol or just before it (a position may
-            # appear twice: it is computed twice, the same).
-            changed = np.concatenate([merged_at, merged_at[merged_at > 0] - 1])
-            ranks[changed] = self._pair_ranks(symbols, word, changed)
-
-        word = np.concatenate(done_words)
-        order = np.argsort(word, kind="stable")  # words finish in different rounds
-        return np.concatenate(done_symbols)[order], np.bincount(word, minlength=len(words))
-
     def _words_ids(self, words):
-        """``_bpe_batch`` of ``words`` in which the special tokens are one id each."""
+        """The ids of ``words`` one after the other (int64), and how many each has: by the
+        compiled class where ``fastclip._C`` is built, else by the Python loop. Special
+        tokens are one id each."""
+        if self._native is None:
+            ids_per_word = [self._python_word_ids(w) for w in words]
+            return (np.fromiter(chain.from_iterable(ids_per_word), np.int64),
+                    np.fromiter(map(len, ids_per_word), np.int64, len(words)))
         special_at = []
         if not self._special_ids.keys().isdisjoint(words):
             special_at = [i for i, w in enumerate(words) if w in self._special_ids]
@@ -287,7 +209,10 @@ class SimpleTokenizer:
             words = list(words)
             for i in special_at:
                 words[i] = "a"  # one byte, so one id, replaced below
-        ids, counts = self._bpe_batch(words)
+        data, lengths = _utf8(words)
+        ids, counts = self._native.encode_words(_byte_tensor(bytearray(data)),
+                                                torch.from_numpy(lengths))
+        ids, counts = ids.numpy(), counts.numpy()
         if special_at:
             ids[(np.cumsum(counts) - counts)[special_at]] = special_ids
         return ids, counts
@@ -331,12 +256,7 @@ class SimpleTokenizer:
         """``encode_flat`` with the cleaning and the regex in Python."""
         words_per_text = [self.pattern.findall(clean(text)) for text in texts]
         words = list(chain.from_iterable(words_per_text))
-        if len(words) < _ARRAY_BPE_MIN_WORDS:
-            ids_per_word = [self._word_ids(w) for w in words]
-            ids = np.fromiter(chain.from_iterable(ids_per_word), np.int64)
-            counts = np.fromiter(map(len, ids_per_word), np.int64, len(words))
-        else:
-            ids, counts = self._words_ids(words)
+        ids, counts = self._words_ids(words)
         ids_before_word = np.r_[0, np.cumsum(counts)]
         word_ends = np.cumsum(np.fromiter(map(len, words_per_text), np.int64, len(texts)))
         return ids, np.diff(ids_before_word[np.r_[0, word_ends]])
@@ -370,17 +290,6 @@ def _utf8(words):
 def _byte_tensor(data):
     """A uint8 tensor over a bytearray (empty when it is)."""
     return torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-
-
-def _first_of_each_run(selected):
-    """Keep the 1st, 3rd, 5th... of each run of consecutive selected positions.
-
-    Two selected positions are adjacent only for a pair of equal symbols ("a", "a") in a run
-    like "a a a": merging left to right takes the first pair and skips the overlapping one.
-    """
-    position = np.arange(len(selected))
-    last_unselected = np.maximum.accumulate(np.where(selected, -1, position))
-    return selected & ((position - last_unselected) % 2 == 1)
 
 
 @lru_cache()

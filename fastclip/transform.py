@@ -38,14 +38,21 @@ def center_crop(image, size):
     return image.crop((left, top, left + size, top + size))
 
 
+def normalize(pixels, mean=MEAN, std=STD):
+    """Floating-point pixel values in [0, 255], channels third from last ``(..., 3, H, W)``
+    -> OpenAI's normalized input, in place: ``(pixels / 255 - mean) / std``, the arithmetic of
+    torchvision's ToTensor then Normalize. Every preprocessing path of fastclip ends here."""
+    mean = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+    std = torch.tensor(std, dtype=pixels.dtype, device=pixels.device)[:, None, None]
+    return pixels.div_(255).sub_(mean).div_(std)
+
+
 def to_normalized_tensor(image, mean=MEAN, std=STD):
     """An RGB PIL image -> a normalized, contiguous (3, H, W) tensor of the default dtype."""
     array = np.asarray(image, dtype=np.uint8)
     dtype = torch.get_default_dtype()  # as torchvision's ToTensor
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(dtype).div(255)
-    mean = torch.tensor(mean, dtype=dtype)[:, None, None]
-    std = torch.tensor(std, dtype=dtype)[:, None, None]
-    return tensor.sub_(mean).div_(std)
+    return normalize(torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(dtype),
+                     mean, std)
 
 
 class Preprocess:

@@ -1,13 +1,12 @@
 """Zero-shot classification: class weights from prompt templates, as in OpenAI's ImageNet
-notebook, and the ``fastclip classify`` command.
+notebook.
 
 ``zero_shot_classifier(model, classnames, templates)`` embeds every template filled with
 every class name, normalizes, averages the templates of each class and normalizes again.
 """
 
-import sys
-
 import torch
+import torch.nn.functional as F
 
 from .tokenizer import tokenize
 
@@ -58,11 +57,11 @@ def zero_shot_classifier(model, classnames, templates=IMAGENET_TEMPLATES, batch_
     with torch.inference_mode():
         features = torch.cat([
             model.encode_text(tokenize(texts[i:i + batch_size], model.context_length,
-                                       truncate=True).to(device)).float()
+                                       truncate=True).to(device), normalize=True).float()
             for i in range(0, len(texts), batch_size)])
-        features = features / features.norm(dim=-1, keepdim=True)
-        weights = features.view(len(classnames), len(templates), -1).mean(dim=1)
-        weights = weights / weights.norm(dim=-1, keepdim=True)
+        # The mean of a class's unit prompt embeddings, made unit again (OpenAI's notebook).
+        weights = F.normalize(features.view(len(classnames), len(templates), -1).mean(dim=1),
+                              dim=-1)
     return weights.t().contiguous()
 
 
@@ -71,50 +70,6 @@ def classify(model, images, weights):
     ``(N, 3, H, W)`` tensor), with CLIP's learned temperature."""
     device = model.logit_scale.device
     with torch.inference_mode():
-        features = model.encode_image(images.to(device)).float()
-        features = features / features.norm(dim=-1, keepdim=True)
+        features = model.encode_image(images.to(device), normalize=True).float()
         logits = model.logit_scale.exp().float() * features @ weights.to(device)
     return logits.softmax(dim=-1)
-
-
-# ---------------------------------------------------------------------------------------
-# fastclip classify
-
-def add_arguments(parser):
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--labels", required=True,
-                        help="comma-separated class names, e.g. 'a cat,a dog,a car'")
-    parser.add_argument("--templates", choices=sorted(TEMPLATE_SETS), default="imagenet",
-                        help="prompt templates: OpenAI's 80 ImageNet templates, or 'a photo "
-                             "of a {}.' (default: imagenet)")
-    parser.add_argument("-k", "--top-k", type=int, default=5, help="labels shown per image")
-    parser.add_argument("--model", default="ViT-B/32",
-                        help="a model name, a checkpoint path or 'random:tiny'")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--backend", default="auto")
-
-
-def run(args):
-    from .embed.decode import InputError, decode_image, read_file
-    from .embed.models import load_model
-    from .embed.pipeline import default_device
-
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if not labels:
-        raise ValueError("--labels is empty; give comma-separated class names.")
-    model, preprocess = load_model(args.model, args.device or default_device(), args.backend)
-    weights = zero_shot_classifier(model, labels, TEMPLATE_SETS[args.templates])
-    status = 0
-    for path in args.images:
-        try:
-            image = preprocess(decode_image(read_file(path)))
-        except InputError as error:
-            print(f"{path}: skipped: {error}", file=sys.stderr)
-            status = 1
-            continue
-        probabilities = classify(model, image[None], weights)[0]
-        top = probabilities.topk(min(args.top_k, len(labels)))
-        ranked = ", ".join(f"{labels[i]} {p:.3f}" for p, i in zip(top.values.tolist(),
-                                                                   top.indices.tolist()))
-        print(f"{path}\t{ranked}")
-    return status

@@ -1,7 +1,9 @@
 """fastclip's Triton kernels, one fused op per module, each a registered torch op
 (``torch.ops.fastclip_triton.<name>``) with a fake implementation for ``torch.compile``.
 
-Importing this package needs triton but no GPU. Set ``TRITON_INTERPRET=1`` before the first
+A leaf: nothing here imports the rest of fastclip. The ops are forward kernels; their
+backward passes are registered by ``fastclip.ops.triton_autograd``. Importing this package
+needs triton but no GPU. Set ``TRITON_INTERPRET=1`` before the first
 import to run the kernels on CPU tensors in Triton's interpreter (for tests).
 """
 
@@ -11,7 +13,6 @@ from .attention import attention
 from .common import INTERPRETED
 from .layer_norm import add_layer_norm, layer_norm
 from .linear import linear_act, mlp
-from . import autograd  # noqa: E402,F401  (registers the ops' backward passes)
 
 __all__ = ["INTERPRETED", "add_layer_norm", "attention", "check_backend_device", "layer_norm",
            "linear_act", "mlp"]

@@ -20,7 +20,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ]; then
   {
     python -m pip install --upgrade pip &&
     python -m pip install torch torchvision &&
-    MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --no-build-isolation -e ".[test,bench]"
+    MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --no-build-isolation -e ".[test,bench,lint]"
   } > .venv/install.log 2>&1 || { tail -n 40 .venv/install.log; echo "Installation failed; see .venv/install.log" >&2; exit 1; }
   echo "$inputs" > "$stamp"
 fi

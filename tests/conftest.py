@@ -1,5 +1,15 @@
+"""Test settings that must hold before any test module imports fastclip."""
+
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without CUDA the Triton kernels run in Triton's interpreter, which Triton chooses when a
+    # kernel is defined: set here, before any test module can import fastclip.kernels, so no
+    # test depends on the order in which modules are collected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import fastclip
-from fastclip.embed.models import TINY_CONFIG
+from fastclip.loading import TINY_CONFIG
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,5 +1,5 @@
-"""Attention pooling by the single-query algebra (``fastclip.attention_pool``) against OpenAI's
-formulation (``fastclip.reference.attention_pool2d``): the compiled op ``fastclip._C`` on CPU
+"""Attention pooling by the single-query algebra (``fastclip.ops.attention_pool``) against OpenAI's
+formulation (``fastclip.ops.reference.attention_pool2d``): the compiled op ``fastclip._C`` on CPU
 (and CUDA, marked ``gpu``) and the PyTorch fallback, at the five ResNets' pooling shapes."""
 
 import functools
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fastclip
-from fastclip import attention_pool, reference
-from fastclip.attention_pool import attention_pool2d, attention_pool2d_single_query
+from fastclip.ops import attention_pool, extension, reference
+from fastclip.ops.attention_pool import attention_pool2d, attention_pool2d_single_query
 
 from numerics import assert_close_relative, worst_element
 
@@ -28,8 +28,8 @@ SHAPES = {
 }
 
 needs_op = pytest.mark.skipif(
-    not attention_pool.EXTENSION_LOADED,
-    reason=f"the compiled op is not available ({attention_pool.EXTENSION_ERROR})")
+    not extension.LOADED,
+    reason=f"the compiled op is not available ({extension.ERROR})")
 needs_cuda_op = pytest.mark.skipif(
     not attention_pool.extension_info()["cuda"],
     reason="fastclip._C has no CUDA kernels; build with FASTCLIP_CUDA=1 "
@@ -164,7 +164,7 @@ def test_backward_matches_openai():
         return [a.grad if a.grad is not None else torch.zeros_like(a) for a in inputs[:-1]]
 
     expected = dict(zip(names, gradients(reference.attention_pool2d)))
-    tested = op if attention_pool.EXTENSION_LOADED else attention_pool2d_single_query
+    tested = op if extension.LOADED else attention_pool2d_single_query
     actual = dict(zip(names, gradients(tested)))
     # k_bias: exactly zero here; OpenAI's is zero up to its rounding.
     assert actual.pop("k_bias").abs().max() == 0
@@ -211,7 +211,7 @@ def test_built_extension_loads():
     built = glob.glob(os.path.join(os.path.dirname(fastclip.__file__), "_C*.so"))
     if not built:
         pytest.skip("fastclip._C is not built (pip install --no-build-isolation -e . builds it)")
-    assert attention_pool.EXTENSION_LOADED, attention_pool.EXTENSION_ERROR
+    assert extension.LOADED, extension.ERROR
     assert attention_pool.extension_info()["cpu"]
 
 
@@ -227,7 +227,7 @@ def test_fastclip_works_without_the_extension():
 
         sys.meta_path.insert(0, HideExtension())
         import torch, fastclip
-        from fastclip import attention_pool, reference
+        from fastclip.ops import attention_pool, reference
         info = attention_pool.extension_info()
         assert not info["built"] and "not built" in info["error"], info
         assert not attention_pool.OP_DEVICES, attention_pool.OP_DEVICES
@@ -264,7 +264,7 @@ def test_bad_inputs_raise_clear_errors(problem):
     args = BAD_INPUTS[problem](make_inputs(64, 3, 4, 32, batch=2))
     with pytest.raises(ValueError, match=problem):
         attention_pool2d(*args)
-    if attention_pool.EXTENSION_LOADED:
+    if extension.LOADED:
         with pytest.raises(RuntimeError, match=problem):
             op(*args)
 

@@ -6,11 +6,11 @@ import subprocess
 import pytest
 
 import fastclip
-from embed_helpers import (read_output, run_fastclip, tiny_checkpoint,
-                           write_images)
 from fastclip import cli
-from fastclip.embed.decode import decode_image, read_file
+from fastclip.images import decode_image, read_file
 from fastclip.zero_shot import SIMPLE_TEMPLATES, classify, zero_shot_classifier
+
+from embed_helpers import read_output, run_fastclip, tiny_checkpoint, write_images
 
 
 def test_help_lists_every_subcommand(capsys):

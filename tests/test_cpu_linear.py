@@ -1,4 +1,4 @@
-"""The CPU path on prepacked oneDNN weights (``fastclip.cpu_linear``) against the reference.
+"""The CPU path on prepacked oneDNN weights (``fastclip.ops.cpu_linear``) against the reference.
 
 Tolerances follow flash-attention's rule: the error against a float64 reference is at most
 twice PyTorch's own error in the same dtype, plus a few units of the dtype's rounding. The
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastclip
-from fastclip import cpu_linear, reference
 from fastclip.model import convert_weights
+from fastclip.ops import cpu_linear, reference
 
 from numerics import assert_close_relative, cosine, worst_element
 
@@ -110,7 +110,7 @@ def test_gradients_take_the_plain_path():
     x = randn(2, 7, 32, generator=generator).requires_grad_()
     args = [a.requires_grad_() for a in make_mlp(32, torch.float32, generator)]
     assert cpu_linear.mlp(x, *args, "quick_gelu") is None
-    out = fastclip.backends.TORCH.mlp(x, *args, "quick_gelu")
+    out = fastclip.ops.TORCH.mlp(x, *args, "quick_gelu")
     out.square().sum().backward()
     grads = [x.grad] + [a.grad for a in args]
     x2 = x.detach().double().requires_grad_()
@@ -261,7 +261,7 @@ def test_forward_mode_gradients_take_the_plain_path():
     weight, bias = randn(24, 16, generator=generator), randn(24, generator=generator)
     mlp_args = make_mlp(16, torch.float32, generator) + ("quick_gelu",)
     for name, fn in [("linear", lambda v: cpu_linear.linear(v, weight, bias)),
-                     ("mlp", lambda v: fastclip.backends.TORCH.mlp(v, *mlp_args))]:
+                     ("mlp", lambda v: fastclip.ops.TORCH.mlp(v, *mlp_args))]:
         reference_fn = {"linear": lambda v: F.linear(v, weight, bias),
                         "mlp": lambda v: reference.mlp(v, *mlp_args)}[name]
         _, expected = torch.func.jvp(reference_fn, (x,), (tangent,))

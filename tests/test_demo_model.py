@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import fastclip
-from fastclip import shapes
+from fastclip import cli
 from fastclip.model import infer_config
+from fastclip.train import shapes
 from fastclip.transform import Preprocess
 
 NAME = "fastclip-shapes-rn"
@@ -153,9 +154,15 @@ def test_unknown_split_is_explained():
 
 
 def test_samples_command_writes_named_images(tmp_path, capsys):
-    shapes.main([str(tmp_path / "samples"), "-n", "10", "--size", "96"])
+    assert cli.main(["shapes", str(tmp_path / "samples"), "-n", "10", "--size", "96"]) == 0
     paths = capsys.readouterr().out.split()
     assert len(paths) == 10 and all(os.path.isfile(p) for p in paths)
     assert all(Image.open(p).size == (96, 96) for p in paths)
     named = {os.path.basename(p).split(".")[0].split("_")[1] for p in paths}
     assert named == set(shapes.SHAPES)
+
+
+def test_samples_command_refuses_bad_sizes(tmp_path, capsys):
+    assert cli.main(["shapes", str(tmp_path / "samples"), "-n", "0"]) == 2
+    assert "-n must be at least 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "samples")

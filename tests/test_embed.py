@@ -14,10 +14,18 @@ import torch
 from PIL import Image
 
 import fastclip
-from embed_helpers import (assert_rows_equal, image_bytes, read_output, tiny_checkpoint,
-                           write_corrupt_files, write_images, write_tar_shard)
 from fastclip.embed import embed
-from fastclip.embed.writer import OutputFolder
+from fastclip.embed.output import OutputFolder
+
+from embed_helpers import (
+    assert_rows_equal,
+    image_bytes,
+    read_output,
+    tiny_checkpoint,
+    write_corrupt_files,
+    write_images,
+    write_tar_shard,
+)
 
 # Embeddings are unit vectors with entries around 0.1; fp32 rows of a batch differ from
 # rows computed one image at a time by ~1e-7, fp16 storage rounds at ~5e-4 relative.
@@ -114,7 +122,7 @@ def test_one_shard_is_decoded_by_every_worker_in_input_order(tmp_path, model, mo
     """A job of one shard still uses several decoding workers (pieces of batch_size inputs);
     the shard's rows come out in input order, corrupt files between them, and an input count
     that is a multiple of the batch size leaves no empty piece behind."""
-    from fastclip.embed import pipeline
+    from fastclip.embed import runner
 
     good = write_images(tmp_path / "images", 8, nested=False)
     corrupt = list(write_corrupt_files(tmp_path / "images" / "z_bad"))
@@ -122,13 +130,13 @@ def test_one_shard_is_decoded_by_every_worker_in_input_order(tmp_path, model, mo
     order = [good[0], corrupt[0], *good[1:5], corrupt[1], *good[5:], *corrupt[2:]]
     listing.write_text("\n".join(order) + "\n")
     used = []
-    loader = pipeline.DataLoader
+    loader = runner.DataLoader
 
     def recording_loader(dataset, **options):
         used.append((len(dataset.units()), options["num_workers"]))
         return loader(dataset, **options)
 
-    monkeypatch.setattr(pipeline, "DataLoader", recording_loader)
+    monkeypatch.setattr(runner, "DataLoader", recording_loader)
     run(tmp_path / "out", tiny_checkpoint(), images=[str(listing)], num_workers=3,
         shard_size=100, batch_size=3)
     assert used == [(4, 3)]  # 12 inputs in pieces of 3, on 3 workers

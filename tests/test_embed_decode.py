@@ -4,8 +4,10 @@ import os
 
 import pytest
 
+from fastclip import images as decode
+from fastclip.embed import reader
+
 from embed_helpers import corrupt_inputs, image_bytes, png_header_only, write_tar_shard
-from fastclip.embed import decode
 
 
 @pytest.mark.parametrize("name", sorted(corrupt_inputs()))
@@ -44,14 +46,14 @@ def test_webdataset_groups_members_by_key(tmp_path):
     write_tar_shard(path, [("a/000", {"jpg": b"1", "txt": b"cap 0"}),
                            ("a/001", {"png": b"2", "json": b"{}"}),
                            ("a/002.x", {"txt": b"no image"})])
-    samples = list(decode.iter_webdataset(str(path)))
+    samples = list(reader.iter_webdataset(str(path)))
     assert [key for key, _ in samples] == ["a/000", "a/001", "a/002"]
-    assert decode.sample_image(samples[0][1]) == b"1"
-    assert decode.sample_caption(samples[0][1]) == "cap 0"
-    assert decode.sample_image(samples[1][1]) == b"2"
-    assert decode.sample_caption(samples[1][1]) is None
+    assert reader.sample_image(samples[0][1]) == b"1"
+    assert reader.sample_caption(samples[0][1]) == "cap 0"
+    assert reader.sample_image(samples[1][1]) == b"2"
+    assert reader.sample_caption(samples[1][1]) is None
     with pytest.raises(decode.InputError, match="no image in the sample"):
-        decode.sample_image(samples[2][1])
+        reader.sample_image(samples[2][1])
 
 
 def test_truncated_tar_yields_complete_samples_then_raises(tmp_path):
@@ -63,7 +65,7 @@ def test_truncated_tar_yields_complete_samples_then_raises(tmp_path):
     path.write_bytes(cut)
     seen = []
     with pytest.raises(decode.InputError, match="cut short or corrupt at sample '002'"):
-        for key, fields in decode.iter_webdataset(str(path)):
+        for key, fields in reader.iter_webdataset(str(path)):
             seen.append(key)
     assert seen == ["000", "001"]
 
@@ -72,4 +74,4 @@ def test_garbage_tar_is_an_input_error(tmp_path):
     path = tmp_path / "shard.tar"
     path.write_bytes(b"\x00garbage" * 100)
     with pytest.raises(decode.InputError, match="tar shard"):
-        list(decode.iter_webdataset(str(path)))
+        list(reader.iter_webdataset(str(path)))

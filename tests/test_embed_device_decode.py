@@ -10,10 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from embed_helpers import (image_bytes, read_output, tiny_checkpoint, write_corrupt_files,
-                           write_images)
 from fastclip.embed import device_decode, embed
-from fastclip.transform import Preprocess
+from fastclip.transform import STD, Preprocess, normalize
+
+from embed_helpers import (
+    image_bytes,
+    read_output,
+    tiny_checkpoint,
+    write_corrupt_files,
+    write_images,
+)
 
 pytest.importorskip("torchvision")  # not a dependency of fastclip; --gpu-decode needs it
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -49,8 +55,8 @@ def test_resize_crop_is_within_a_few_grey_levels_of_pil(size):
     pixels = device_decode.resize_crop(decode_jpeg(device_decode.device_decodable(data, 10**7),
                                                    mode=rgb), 64)
     expected = Preprocess(64)(Image.open(io.BytesIO(data)))
-    actual = device_decode.normalize(pixels)
-    grey_levels = ((actual - expected).abs() * torch.tensor(device_decode.STD)[:, None, None]
+    actual = normalize(pixels)
+    grey_levels = ((actual - expected).abs() * torch.tensor(STD)[:, None, None]
                    * 255)
     worst = np.unravel_index(int(grey_levels.argmax()), grey_levels.shape)
     # Upscaling (48x40 -> 64) differs most: the kernels differ most between pixels.

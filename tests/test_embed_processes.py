@@ -9,9 +9,17 @@ import subprocess
 import sys
 import time
 
-from embed_helpers import (REPO, assert_rows_equal, read_output, run_fastclip,
-                           tiny_checkpoint, write_corrupt_files, write_images)
 from fastclip.embed import embed
+
+from embed_helpers import (
+    REPO,
+    assert_rows_equal,
+    read_output,
+    run_fastclip,
+    tiny_checkpoint,
+    write_corrupt_files,
+    write_images,
+)
 
 
 def embed_in_process(output, checkpoint, images, **options):

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import fastclip
-from embed_helpers import assert_rows_equal, image_bytes, tiny_checkpoint
 from fastclip.embed.ray import ClipEmbedder
+
+from embed_helpers import assert_rows_equal, image_bytes, tiny_checkpoint
 
 
 def expected_image_rows(checkpoint, encoded):

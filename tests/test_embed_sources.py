@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fastclip.embed.plan import Chunk, expand_braces, expand_source, plan_job, rank_chunks
+
 from embed_helpers import write_images
-from fastclip.embed.sources import Chunk, expand_braces, expand_source, plan_job, rank_chunks
 
 
 def test_expand_braces_ranges_keep_zero_padding_and_alternatives():

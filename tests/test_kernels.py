@@ -1,34 +1,30 @@
 """The Triton kernels against their plain-PyTorch references.
 
 On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``,
-set here before the kernels are first imported), on small shapes; on a GPU the same tests run
-the compiled kernels. Accuracy follows flash-attention's rule: against an fp32 reference
-computed from the same inputs, a kernel's error is at most twice the error of PyTorch's own
-computation in the kernel's dtype, plus a small epsilon.
+which ``conftest.py`` sets before any test module imports fastclip), on small shapes; on a GPU
+the same tests run the compiled kernels. Accuracy follows flash-attention's rule: against an
+fp32 reference computed from the same inputs, a kernel's error is at most twice the error of
+PyTorch's own computation in the kernel's dtype, plus a small epsilon.
 """
-
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from fastclip import kernels
+from fastclip.model import ResidualAttentionBlock, build_model_from_config, convert_weights
+from fastclip.ops import reference
+from fastclip.ops.dispatch import get_backend, triton_available
+
+from numerics import cosine, worst_element
+from small_models import small_clip
+
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Triton decides when a kernel is defined whether it is compiled or interpreted.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from fastclip import kernels, reference  # noqa: E402
-from fastclip.backends import get_backend, triton_available  # noqa: E402
-from fastclip.model import ResidualAttentionBlock, build_model_from_config  # noqa: E402
-from fastclip.model import convert_weights  # noqa: E402
-
-from numerics import cosine, worst_element  # noqa: E402
-from small_models import small_clip  # noqa: E402
 
 if not CUDA and not kernels.INTERPRETED:
     raise RuntimeError("fastclip.kernels was imported before TRITON_INTERPRET=1 was set, so its "
-                       "kernels cannot run on the CPU; run pytest with TRITON_INTERPRET=1.")
+                       "kernels cannot run on the CPU; run pytest from the repository (its "
+                       "conftest.py sets it) or with TRITON_INTERPRET=1.")
 
 DEVICE = "cuda" if CUDA else "cpu"
 # On a GPU every test here runs the compiled kernels, so `pytest -m gpu` selects them all;

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip import loading
+from fastclip import checkpoints as loading
 
 from numerics import assert_close_relative
 
@@ -249,5 +249,6 @@ def test_download_cut_short_leaves_nothing(tmp_path, server, monkeypatch, checkp
 def test_unreachable_server_names_url_and_local_alternative(tmp_path, monkeypatch):
     monkeypatch.setitem(loading._MODELS, "Tiny",
                         "http://127.0.0.1:9/clip/models/" + "1" * 64 + "/Tiny.pt")
-    with pytest.raises(RuntimeError, match=r"Could not download .*fastclip.load\('/path/to/Tiny.pt'\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"Could not download .*fastclip.load\('/path/to/Tiny.pt'\)"):
         fastclip.load("Tiny", device="cpu", download_root=str(tmp_path))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastclip
-from fastclip.tokenizer import get_tokenizer
+from fastclip.tokenizer import SimpleTokenizer, get_tokenizer
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -40,7 +40,8 @@ def random_text(rng):
         elif choice < 0.85:
             parts.append(chr(rng.randint(0x20, 0x2FFF)))  # any printable-ish code point
         else:
-            parts.append("".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 4))))
+            parts.append("".join(chr(rng.randint(0x4E00, 0x9FFF))
+                                 for _ in range(rng.randint(1, 4))))
         parts.append(rng.choice(SPACES) if rng.random() < 0.3 else " ")
     text = "".join(parts)
     if rng.random() < 0.05:  # mojibake of the whole text
@@ -119,16 +120,23 @@ def test_plain_ascii_fast_path_cleans_like_ftfy():
         assert clean(text) == whitespace_clean(basic_clean(text)).lower(), repr(text)
 
 
-def test_batch_path_equals_word_by_word_path(texts):
-    """Batches of 64 words or more take the array merge rounds; single words the Python
-    loop: both give the same ids, special tokens included."""
-    tokenizer = get_tokenizer()
+def test_both_engines_give_the_same_ids(texts):
+    """The compiled class (where built) and OpenAI's Python loop, which runs where it is not,
+    give the same ids for whole batches, special tokens included."""
     batch = texts[:300] + ["<|startoftext|> a <|endoftext|> " * 40]
-    by_batch = tokenizer.encode_batch(batch)
-    by_word = [[i for word in tokenizer.pattern.findall(clean_text)
-                for i in tokenizer._word_ids(word)]
-               for clean_text in map(fastclip.tokenizer.clean, batch)]
-    assert by_batch == by_word
+    python_only = SimpleTokenizer()
+    python_only._native = None
+    assert python_only.bpe_implementation == "python"
+    assert get_tokenizer().encode_batch(batch) == python_only.encode_batch(batch)
+    assert torch.equal(fastclip.tokenize(batch, truncate=True),
+                       tokenize_with(python_only, batch))
+
+
+def tokenize_with(tokenizer, texts):
+    """``fastclip.tokenize(texts, truncate=True)`` through another tokenizer instance."""
+    from unittest import mock
+    with mock.patch("fastclip.tokenizer.get_tokenizer", lambda: tokenizer):
+        return fastclip.tokenizer.tokenize(texts, truncate=True)
 
 
 def test_bpe_is_openai_compatible():
@@ -139,12 +147,12 @@ def test_bpe_is_openai_compatible():
     assert [tokenizer.encoder[p] for p in pieces.split(" ")] == tokenizer.encode("photography")
 
 
-def test_native_and_numpy_merges_agree(texts):
-    """The compiled op fastclip::bpe and the numpy rounds give the same ids for the same
-    words: the generated texts' words, and words made to stress the merge loop."""
+def test_native_merges_equal_openais_loop(texts):
+    """The compiled class merges words as OpenAI's Python loop does: the generated texts'
+    words, and words made to stress the merge loop."""
     tokenizer = get_tokenizer()
     if tokenizer.bpe_implementation != "native":
-        pytest.skip("fastclip._C is not built: the numpy rounds are the only BPE")
+        pytest.skip("fastclip._C is not built: the Python loop is the only engine")
     words = [w for text in texts[:2000]
              for w in tokenizer.pattern.findall(fastclip.tokenizer.clean(text))]
     rng = random.Random(3)
@@ -152,15 +160,12 @@ def test_native_and_numpy_merges_agree(texts):
               "".join(chr(rng.randint(0x20, 0x2FFF)) for _ in range(500))]
     words += ["".join(rng.choice("abcdeéß中") for _ in range(rng.randint(1, 30)))
               for _ in range(3000)]
-    native_ids, native_counts = tokenizer._bpe_batch_native(words)
-    numpy_ids, numpy_counts = tokenizer._bpe_batch_numpy(words)
-    assert native_counts.tolist() == numpy_counts.tolist()
-    assert native_ids.tolist() == numpy_ids.tolist()
+    native_ids, native_counts = tokenizer._words_ids(words)
     ends = native_counts.cumsum()
-    for i in rng.sample(range(len(words)), 300):  # and OpenAI's loop, word by word
+    for i, word in enumerate(words):
         assert native_ids[ends[i] - native_counts[i]:ends[i]].tolist() == \
-            tokenizer._word_ids(words[i]), repr(words[i])
-    empty_ids, empty_counts = tokenizer._bpe_batch_native([])
+            tokenizer._python_word_ids(word), repr(word)
+    empty_ids, empty_counts = tokenizer._words_ids([])
     assert len(empty_ids) == 0 and len(empty_counts) == 0
 
 

@@ -10,8 +10,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from fastclip import shapes, train
+
+from fastclip import train
+from fastclip.cli.train import add_arguments, config_from
 from fastclip.model import CLIP
+from fastclip.tokenizer import tokenize
+from fastclip.train import shapes
 
 # A tiny ViT CLIP (widths are multiples of 64: loading infers heads as width // 64).
 TINY = dict(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64,
@@ -30,8 +34,10 @@ def _one_thread():
 
 
 def parse(*argv):
-    return train.add_arguments(argparse.ArgumentParser()).parse_args(
-        ["--quiet", "--eval-images", "0", *argv])
+    """The TrainConfig of ``fastclip train`` with ``argv`` (and no progress or evaluation)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from(parser.parse_args(["--quiet", "--eval-images", "0", *argv]))
 
 
 def tiny_model(seed=0):
@@ -68,7 +74,7 @@ def test_contrastive_loss_is_symmetric_cross_entropy():
 
 def test_trim_padding_keeps_the_text_features():
     model = tiny_model().eval()
-    tokens = train.tokenize(["a red circle", "a small blue star on a black background"])
+    tokens = tokenize(["a red circle", "a small blue star on a black background"])
     trimmed = train.trim_padding(tokens)
     assert trimmed.shape[1] == int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]
     with torch.no_grad():
@@ -198,11 +204,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     before = open(path, "rb").read()
 
     def dies_midway(obj, f, *a, **k):
-        with open(f, "wb") as partial:
-            partial.write(b"truncated")
+        f.write(b"truncated")
         raise OSError("disk full")
 
-    monkeypatch.setattr(train.torch, "save", dies_midway)
+    monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(OSError):
         train.save_checkpoint(path, model, optimizer, scheduler, 2, args)
     assert open(path, "rb").read() == before
@@ -256,7 +261,7 @@ def test_export_zeroes_only_untrained_token_rows(tmp_path):
 ])
 def test_bad_arguments_are_explained(argv, message):
     with pytest.raises(ValueError, match=message):
-        train.check_arguments(parse(*argv))
+        parse(*argv)
 
 
 def test_malformed_caption_file_names_the_line(tmp_path):

@@ -97,7 +97,8 @@ def compile_all():
             (torch.float16, 12800, "quick_gelu", 90), (torch.bfloat16, 8, "gelu", 90),
             (torch.float32, 300, "none", 80)):
         types = signature(linear._linear_act_kernel,
-                          tensors(("X", "W", "BIAS", "RESIDUAL", "OUT"), dtype), ones=("stride_wk",))
+                          tensors(("X", "W", "BIAS", "RESIDUAL", "OUT"), dtype),
+                          ones=("stride_wk",))
         compile_kernel(linear._linear_act_kernel, types,
                        linear.launch_options(rows, dtype, activation, True, True), capability)
 

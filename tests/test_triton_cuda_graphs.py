@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from fastclip.cuda_graphs import (CUDAGraphed, captured_batch_size, disable_cuda_graphs,
-                                  enable_cuda_graphs)
+from fastclip.ops.cuda_graphs import (
+    CUDAGraphed,
+    captured_batch_size,
+    disable_cuda_graphs,
+    enable_cuda_graphs,
+)
 
 from numerics import assert_close_relative
 from small_models import small_clip

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import fastclip
-from embed_helpers import image_bytes, tiny_checkpoint
-from fastclip.embed.decode import decode_image
+from fastclip.images import decode_image
 from fastclip.zero_shot import IMAGENET_TEMPLATES, classify, zero_shot_classifier
+
+from embed_helpers import image_bytes, tiny_checkpoint
 from numerics import assert_close_relative
 
 

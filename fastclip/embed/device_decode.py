@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..transform import MEAN, STD
-from . import decode
+from ..images import InputError, decode_image
+from ..transform import normalize
 
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
@@ -74,13 +74,6 @@ def resize_crop(image, n_px):
     return pixels[:, top:top + n_px, left:left + n_px]
 
 
-def normalize(pixels):
-    """``transform.to_normalized_tensor``'s arithmetic on a batch of [0, 255] pixels."""
-    mean = torch.tensor(MEAN, dtype=torch.float32, device=pixels.device)[:, None, None]
-    std = torch.tensor(STD, dtype=torch.float32, device=pixels.device)[:, None, None]
-    return pixels.div_(255).sub_(mean).div_(std)
-
-
 def decode_on_device(encoded, device):
     """Decode a list of JPEG byte tensors on ``device``; returns ``{index: (3, H, W) uint8}``
     for those that decoded (a bad one fails a whole batched call, so then one at a time)."""
@@ -106,11 +99,12 @@ def device_images(jpegs, preprocess, device, max_pixels):
     images, kept, failures = [], [], []
     for i, data in enumerate(jpegs):
         if i in decoded:
-            images.append(normalize(resize_crop(decoded[i], preprocess.n_px)))
+            images.append(normalize(resize_crop(decoded[i], preprocess.n_px), preprocess.mean,
+                                    preprocess.std))
         else:
             try:
-                image = decode.decode_image(data.numpy().tobytes(), max_pixels)
-            except decode.InputError as error:
+                image = decode_image(data.numpy().tobytes(), max_pixels)
+            except InputError as error:
                 failures.append((i, str(error)))
                 continue
             images.append(preprocess(image).to(device))

@@ -21,25 +21,24 @@ so that no row disappears silently.
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from ..images import DEFAULT_MAX_PIXELS, InputError, decode_image, read_image
+from ..loading import load
+from ..model import unit_norm
 from ..tokenizer import tokenize
-from . import decode
-from .models import load_model
 
 
 class ClipEmbedder:
     def __init__(self, model="ViT-B/32", image_column=None, text_column=None,
                  output_column="embedding", device=None, backend="auto", normalize=True,
-                 dtype="fp32", max_pixels=decode.DEFAULT_MAX_PIXELS):
+                 dtype="fp32", max_pixels=DEFAULT_MAX_PIXELS):
         if (image_column is None) == (text_column is None):
             raise ValueError("ClipEmbedder embeds one column: give image_column or "
                              "text_column (not both; use two map_batches for pairs).")
         if dtype not in ("fp16", "fp32"):
             raise ValueError(f"dtype must be 'fp16' or 'fp32', got {dtype!r}.")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.preprocess = load_model(model, device, backend)
+        self.model, self.preprocess = load(model, device=device, backend=backend)
         self.device = self.model.logit_scale.device
         self.image_column = image_column
         self.text_column = text_column
@@ -59,7 +58,7 @@ class ClipEmbedder:
         for i, value in enumerate(values):
             try:
                 inputs.append(self._image(value) if self.image_column else self._text(value))
-            except decode.InputError as error:
+            except InputError as error:
                 errors[i] = str(error)
         embedding = np.full((len(values), self.model.text_projection.shape[1]), np.nan,
                             dtype=self.dtype)
@@ -72,17 +71,17 @@ class ClipEmbedder:
         if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim in (2, 3):
             image = Image.fromarray(value)
         elif isinstance(value, str):
-            image = decode.decode_image(decode.read_file(value), self.max_pixels)
+            image = read_image(value, self.max_pixels)
         elif isinstance(value, (bytes, bytearray, np.bytes_)):
-            image = decode.decode_image(bytes(value), self.max_pixels)
+            image = decode_image(bytes(value), self.max_pixels)
         else:
-            raise decode.InputError(f"cannot read an image from a {type(value).__name__}; "
+            raise InputError(f"cannot read an image from a {type(value).__name__}; "
                                     "give bytes, a path, or an (H, W, C) uint8 array")
         return self.preprocess(image)
 
     def _text(self, value):
         if not isinstance(value, str):
-            raise decode.InputError(f"not a text: {type(value).__name__}")
+            raise InputError(f"not a text: {type(value).__name__}")
         return value
 
     def _embed(self, inputs):
@@ -94,5 +93,5 @@ class ClipEmbedder:
                 features = self.model.encode_text(tokens.to(self.device))
             features = features.float()
             if self.normalize:
-                features = F.normalize(features, dim=-1)
+                features = unit_norm(features)
         return features.cpu().numpy().astype(self.dtype)

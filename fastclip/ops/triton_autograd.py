@@ -1,26 +1,15 @@
-"""Backward passes for the Triton ops.
+"""Backward passes for the Triton ops of ``fastclip.kernels``.
 
-The fused kernels are forward-only. Each op's gradient is that of its plain-PyTorch
+The fused kernels are forward-only, and ``fastclip.kernels`` knows nothing of fastclip's
+references; this module joins them. Each op's gradient is that of its plain-PyTorch
 reference, recomputed from the saved inputs (activation checkpointing, in effect), so a model
 on ``backend="triton"`` trains correctly; its backward is not fused.
 """
 
 import torch
-import torch.nn.functional as F
 
-from fastclip import reference
-
-from .attention import attention
-from .layer_norm import add_layer_norm, layer_norm
-from .linear import linear_act
-
-
-def linear_act_reference(x, weight, bias, activation, residual=None):
-    """``activation(x @ weight.T + bias) + residual`` in plain PyTorch."""
-    out = F.linear(x, weight, bias)
-    if activation != "none":
-        out = reference.ACTIVATIONS[activation](out)
-    return out if residual is None else out + residual
+from .. import kernels
+from . import reference
 
 
 def register_recomputed_backward(op, reference_fn):
@@ -55,7 +44,7 @@ def register_recomputed_backward(op, reference_fn):
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-register_recomputed_backward(layer_norm, reference.layer_norm)
-register_recomputed_backward(add_layer_norm, reference.add_layer_norm)
-register_recomputed_backward(attention, reference.attention)
-register_recomputed_backward(linear_act, linear_act_reference)
+register_recomputed_backward(kernels.layer_norm, reference.layer_norm)
+register_recomputed_backward(kernels.add_layer_norm, reference.add_layer_norm)
+register_recomputed_backward(kernels.attention, reference.attention)
+register_recomputed_backward(kernels.linear_act, reference.linear_act)

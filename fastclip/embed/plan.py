@@ -20,7 +20,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from ..images import IMAGE_EXTENSIONS
+
 TABLE_EXTENSIONS = (".parquet", ".csv")
 
 

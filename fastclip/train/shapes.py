@@ -11,10 +11,9 @@ recognizes combinations it was never shown.
 Batches are a pure function of ``(seed, step)``, so training is reproducible and a resumed
 run sees exactly the batches an uninterrupted one would.
 
-``python -m fastclip.shapes FOLDER`` writes sample images (named after what they show).
+``fastclip shapes FOLDER`` writes sample images (named after what they show).
 """
 
-import argparse
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .transform import MEAN, STD, center_crop, resize_shorter_side
+from ..tokenizer import tokenize
+from ..transform import center_crop, normalize, resize_shorter_side
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLORS = {
@@ -236,7 +236,8 @@ def make_batch(seed, step, batch_size, image_size=64, split="train", rng=None, g
     # Preprocess's resize and crop per image, then its normalization once for the batch.
     pixels = np.stack([np.asarray(center_crop(resize_shorter_side(
         render(s, image_size * RENDER_SCALE), image_size), image_size)) for s in scenes])
-    images = to_normalized_tensor(pixels.transpose(0, 3, 1, 2))
+    images = normalize(torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+                       .float())
     return images, [_caption(s, rng) for s in scenes], scenes
 
 
@@ -252,8 +253,6 @@ def evaluate(model, n=512, seed=0, split="held_out", batch_size=256):
       circle on a white background"); a hit is a retrieved caption equal to the image's own
       (scenes that share a caption are indistinguishable by it).
     """
-    from .tokenizer import tokenize
-
     image_size = model.visual.input_resolution
     device = model.logit_scale.device
     rng = np.random.default_rng([seed, 10**6, SPLITS.index(split)])
@@ -261,17 +260,17 @@ def evaluate(model, n=512, seed=0, split="held_out", batch_size=256):
     for start in range(0, n, batch_size):
         images, _, batch_scenes = make_batch(seed, 0, min(batch_size, n - start), image_size,
                                              split, rng=rng)
-        image_features.append(_normalize(model.encode_image(images.to(device)).float()))
+        image_features.append(model.encode_image(images.to(device), normalize=True).float())
         scenes += batch_scenes
     image_features = torch.cat(image_features)
 
     pairs, prompts = classes()
-    class_features = _normalize(model.encode_text(tokenize(prompts).to(device)).float())
+    class_features = model.encode_text(tokenize(prompts).to(device), normalize=True).float()
     predicted = [pairs[i] for i in (image_features @ class_features.T).argmax(dim=1).tolist()]
     truth = [(s.shape, s.color) for s in scenes]
 
     captions = [s.caption() for s in scenes]
-    caption_features = _normalize(model.encode_text(tokenize(captions).to(device)).float())
+    caption_features = model.encode_text(tokenize(captions).to(device), normalize=True).float()
     retrieved = (image_features @ caption_features.T).argmax(dim=1).tolist()
 
     def mean(hits):
@@ -285,18 +284,6 @@ def evaluate(model, n=512, seed=0, split="held_out", batch_size=256):
         recall_at_1=mean([captions[j] == c for j, c in zip(retrieved, captions)]),
         chance=1 / len(pairs),
     )
-
-
-def to_normalized_tensor(pixels):
-    """(N, 3, H, W) uint8 RGB -> normalized float32, the arithmetic of ``Preprocess``."""
-    images = torch.from_numpy(np.ascontiguousarray(pixels)).float().div(255)
-    mean = torch.tensor(MEAN, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(STD, dtype=torch.float32)[:, None, None]
-    return images.sub_(mean).div_(std)
-
-
-def _normalize(x):
-    return x / x.norm(dim=-1, keepdim=True)
 
 
 def write_samples(folder, n=len(SHAPES), seed=0, side=128, split="held_out"):
@@ -325,25 +312,3 @@ def write_samples(folder, n=len(SHAPES), seed=0, side=128, split="held_out"):
         render(scene, side).save(path)
         paths.append(path)
     return paths
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fastclip.shapes",
-        description="Write sample images of the shapes dataset, named after what they show.")
-    parser.add_argument("folder", help="where to write the PNG files (created if missing)")
-    parser.add_argument("-n", type=int, default=len(SHAPES),
-                        help=f"how many images (default {len(SHAPES)}, one per shape)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=128, help="side in pixels (default 128)")
-    parser.add_argument("--split", choices=SPLITS, default="held_out",
-                        help="held_out (default): shape-color pairs never seen in training")
-    args = parser.parse_args(argv)
-    if args.n < 1 or args.size < 16:
-        parser.error("-n must be at least 1 and --size at least 16")
-    for path in write_samples(args.folder, args.n, args.seed, args.size, args.split):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,47 +16,20 @@ the same algebra in PyTorch, which runs where the extension is not built or has 
 the device. :func:`attention_pool2d` chooses; :func:`extension_info` says what was found.
 """
 
-import importlib
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import extension, reference
 
 OP_NAME = "fastclip::attention_pool2d"
 PARAMETER_NAMES = ("q_weight", "q_bias", "k_weight", "k_bias", "v_weight", "v_bias",
                    "c_weight", "c_bias")
 
-
-def _load_extension():
-    """Import ``fastclip._C``, which registers the op: (loaded, why not)."""
-    try:
-        importlib.import_module("fastclip._C")
-    except ModuleNotFoundError:
-        return False, ("fastclip._C is not built; install with "
-                       "`pip install --no-build-isolation -e .` to build it")
-    except (ImportError, OSError) as error:
-        # A built but unloadable library (an ABI or CUDA runtime mismatch) must not go unnoticed.
-        warnings.warn(f"fastclip._C is built but does not load ({error}); attention pooling "
-                      "uses its PyTorch fallback. Rebuild with "
-                      "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
-        return False, f"fastclip._C does not load: {error}"
-    return True, None
-
-
-EXTENSION_LOADED, EXTENSION_ERROR = _load_extension()
-
-
-def _has_kernel(dispatch_key):
-    return EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(
-        OP_NAME, dispatch_key)
-
-
 # Device types on which the compiled op runs; "meta" runs its fake implementation.
 OP_DEVICES = frozenset(
-    device for device, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel(key)
-) | (frozenset({"meta"}) if EXTENSION_LOADED else frozenset())
+    device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if extension.has_kernel(OP_NAME, key)
+) | (frozenset({"meta"}) if extension.LOADED else frozenset())
 
 
 def extension_info():
@@ -64,8 +37,8 @@ def extension_info():
     devices = sorted(OP_DEVICES - {"meta"})
     runs = (f"compiled op {OP_NAME} on {', '.join(devices)}; PyTorch single-query algebra "
             "elsewhere" if devices else "PyTorch single-query algebra on every device")
-    return {"built": EXTENSION_LOADED, "cpu": "cpu" in devices, "cuda": "cuda" in devices,
-            "error": EXTENSION_ERROR, "attention_pool2d": runs}
+    return {"built": extension.LOADED, "cpu": "cpu" in devices, "cuda": "cuda" in devices,
+            "error": extension.ERROR, "attention_pool2d": runs}
 
 
 def check_inputs(x, positional_embedding, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
@@ -74,17 +47,17 @@ def check_inputs(x, positional_embedding, q_weight, q_bias, k_weight, k_bias, v_
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"attention_pool2d: x must be a (N, C, H, W) feature map; got {shape}.")
-    _, width, height, breadth = x.shape
-    if not isinstance(heads, int) or heads <= 0 or width % heads:
+    _, channels, height, width = x.shape
+    if not isinstance(heads, int) or heads <= 0 or channels % heads:
         raise ValueError(f"attention_pool2d: heads = {heads!r} must be a positive int that "
-                         f"divides the channel count C = {width}.")
+                         f"divides the channel count C = {channels}.")
     output_dim = c_weight.shape[0] if c_weight.dim() == 2 else -1
     expected = {
-        "positional_embedding": ((height * breadth + 1, width), "(H*W + 1, C)"),
-        "q_weight": ((width, width), "(C, C)"), "q_bias": ((width,), "(C,)"),
-        "k_weight": ((width, width), "(C, C)"), "k_bias": ((width,), "(C,)"),
-        "v_weight": ((width, width), "(C, C)"), "v_bias": ((width,), "(C,)"),
-        "c_weight": ((output_dim, width), "(output_dim, C)"), "c_bias": ((output_dim,),
+        "positional_embedding": ((height * width + 1, channels), "(H*W + 1, C)"),
+        "q_weight": ((channels, channels), "(C, C)"), "q_bias": ((channels,), "(C,)"),
+        "k_weight": ((channels, channels), "(C, C)"), "k_bias": ((channels,), "(C,)"),
+        "v_weight": ((channels, channels), "(C, C)"), "v_bias": ((channels,), "(C,)"),
+        "c_weight": ((output_dim, channels), "(output_dim, C)"), "c_bias": ((output_dim,),
                                                                        "(output_dim,)"),
     }
     tensors = dict(zip(("positional_embedding",) + PARAMETER_NAMES,
@@ -191,7 +164,7 @@ def _register_op_python_side():
     torch.library.register_autograd(OP_NAME, backward, setup_context=setup_context)
 
 
-if EXTENSION_LOADED:
+if extension.LOADED:
     _register_op_python_side()
 
 
@@ -205,8 +178,9 @@ def attention_pool2d(x, positional_embedding, q_weight, q_bias, k_weight, k_bias
     algebra: the compiled op where ``fastclip._C`` has a kernel for ``x``'s device, else
     :func:`attention_pool2d_single_query`. Same signature as ``reference.attention_pool2d``.
     """
-    width = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0
-    q_bias, k_bias, v_bias = (_zeros_if_none(b, width, q_weight) for b in (q_bias, k_bias, v_bias))
+    channels = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else 0
+    q_bias, k_bias, v_bias = (_zeros_if_none(b, channels, q_weight)
+                              for b in (q_bias, k_bias, v_bias))
     c_bias = _zeros_if_none(c_bias, c_weight.shape[0], c_weight)
     args = (x, positional_embedding, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
             c_weight, c_bias, heads)

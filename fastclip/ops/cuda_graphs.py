@@ -35,9 +35,11 @@ def captured_batch_size(batch, batch_sizes):
 
 
 class CUDAGraphed:
-    """``fn(x)`` replayed from CUDA graphs keyed by (padded batch size, trailing shape, dtype).
+    """``fn(x, **options)`` replayed from CUDA graphs keyed by (padded batch size, trailing
+    shape, dtype, options).
 
-    ``fn`` maps a batch (its first dimension) to a batch of results, row by row.
+    ``fn`` maps a batch (its first dimension) to a batch of results, row by row; ``options``
+    are keyword arguments of plain values (``normalize=True``), each set captured apart.
     """
 
     def __init__(self, fn, device, batch_sizes=DEFAULT_BATCH_SIZES):
@@ -49,13 +51,13 @@ class CUDAGraphed:
         self.graphs = {}  # key -> (graph, static input, static output)
 
     @torch.no_grad()
-    def __call__(self, x):
+    def __call__(self, x, **options):
         size = captured_batch_size(x.shape[0], self.batch_sizes)
         if size is None:
-            return self.fn(x.to(self.device))
-        key = (size, tuple(x.shape[1:]), x.dtype)
+            return self.fn(x.to(self.device), **options)
+        key = (size, tuple(x.shape[1:]), x.dtype, tuple(sorted(options.items())))
         if key not in self.graphs:
-            self.graphs[key] = self._capture(size, x.shape[1:], x.dtype)
+            self.graphs[key] = self._capture(size, x.shape[1:], x.dtype, options)
         graph, static_input, static_output = self.graphs[key]
         batch = x.shape[0]
         # The static buffers are captured under inference_mode, whatever mode the first
@@ -67,7 +69,7 @@ class CUDAGraphed:
             graph.replay()
         return static_output[:batch].clone()
 
-    def _capture(self, size, shape, dtype):
+    def _capture(self, size, shape, dtype, options):
         with torch.inference_mode():
             static_input = torch.zeros(size, *shape, dtype=dtype, device=self.device)
             # Warm up on a side stream, as PyTorch requires: this compiles the Triton kernels
@@ -76,11 +78,11 @@ class CUDAGraphed:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self.fn(static_input)
+                    self.fn(static_input, **options)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_output = self.fn(static_input)
+                static_output = self.fn(static_input, **options)
         return graph, static_input, static_output
 
 

@@ -1,7 +1,7 @@
-"""The ``fastclip`` command: ``fastclip embed``, ``classify``, ``search`` and ``train``.
+"""The fastclip command: embed, classify, search, train and shapes.
 
-Each subcommand is a module with ``add_arguments(parser)`` and ``run(args)`` (returning the
-exit status); adding one is one line in ``SUBCOMMANDS``.
+Each subcommand is a module of this package with ``add_arguments(parser)`` and ``run(args)``
+(returning the exit status); adding one is one line in ``SUBCOMMANDS``.
 """
 
 import argparse
@@ -9,18 +9,22 @@ import importlib
 import os
 import sys
 
+from ..version import __version__
+
 SUBCOMMANDS = {
-    "embed": ("fastclip.embed.command",
+    "embed": ("fastclip.cli.embed",
               "embed images and texts into clip-retrieval's layout (img_emb, text_emb, "
               "metadata)"),
-    "classify": ("fastclip.zero_shot", "zero-shot classify images among given labels"),
-    "search": ("fastclip.search", "top-k search of an embedding folder by a text or image"),
-    "train": ("fastclip.train", "train or fine-tune a CLIP contrastively (see README)"),
+    "classify": ("fastclip.cli.classify", "zero-shot classify images among given labels"),
+    "search": ("fastclip.cli.search", "top-k search of an embedding folder by a text or image"),
+    "train": ("fastclip.cli.train", "train or fine-tune a CLIP contrastively (see README)"),
+    "shapes": ("fastclip.cli.shapes",
+               "write sample images of the procedural shapes dataset, named after what they "
+               "show"),
 }
 
 
 def build_parser():
-    from . import __version__
     parser = argparse.ArgumentParser(prog="fastclip", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fastclip {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -1,4 +1,4 @@
-"""The one place that decides which implementation computes each operation.
+"""The one place that decides which implementation computes each op of CLIP's blocks.
 
 The model's blocks call ``self.ops.linear(...)``, ``self.ops.layer_norm(...)``,
 ``self.ops.attention(...)``, ``self.ops.mlp(...)`` and ``self.ops.attention_pool2d(...)``;
@@ -7,11 +7,11 @@ never branches on backends itself.
 
 Backends:
 
-- ``reference``: OpenAI's math in plain PyTorch (``fastclip.reference``), what every kernel
-  is tested against.
+- ``reference``: OpenAI's math in plain PyTorch (``reference``), what every kernel is tested
+  against.
 - ``torch``: the fastest path that needs no Triton: ``F.scaled_dot_product_attention``,
   PyTorch ops, and on the CPU oneDNN products on prepacked weights with the MLP's activation
-  and residual add fused in (``fastclip.cpu_linear``).
+  and residual add fused in (``torch_backend``, ``cpu_linear``).
 - ``triton``: fused Triton kernels (``fastclip.kernels``); needs a CUDA device, or
   ``TRITON_INTERPRET=1`` to run on CPU tensors for testing.
 - ``auto``: ``triton`` on a CUDA device when Triton imports, else ``torch``.
@@ -22,67 +22,73 @@ and is read when the argument is ``"auto"``.
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import attention_pool, cpu_linear, reference
+from . import attention_pool, reference, torch_backend
 
 BACKEND_NAMES = ("auto", "triton", "torch", "reference")
 
 
+# The contract: every backend provides these six ops, with these signatures and the results
+# of ``reference``'s functions of the same names. Tensors are batch-first, (N, L, D).
+
+class Linear(Protocol):
+    def __call__(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor: ...
+
+
+class LayerNorm(Protocol):
+    """LayerNorm over the last dimension, computed in fp32, returned in ``x``'s dtype."""
+    def __call__(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                 eps: float) -> Tensor: ...
+
+
+class AddLayerNorm(Protocol):
+    """``(x + residual, layer_norm(x + residual))``."""
+    def __call__(self, x: Tensor, residual: Tensor, weight: Optional[Tensor],
+                 bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]: ...
+
+
+class Attention(Protocol):
+    """Self-attention on a packed (N, L, 3D) projection -> (N, L, D)."""
+    def __call__(self, qkv: Tensor, heads: int, causal: bool) -> Tensor: ...
+
+
+class MLP(Protocol):
+    """``c_proj(activation(c_fc(x))) + residual``; ``activation`` is a key of
+    ``reference.ACTIVATIONS``."""
+    def __call__(self, x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor],
+                 proj_weight: Tensor, proj_bias: Optional[Tensor], activation: str,
+                 residual: Optional[Tensor] = None) -> Tensor: ...
+
+
+class AttentionPool2d(Protocol):
+    """OpenAI's AttentionPool2d of a (N, C, H, W) map -> (N, output_dim)."""
+    def __call__(self, x: Tensor, positional_embedding: Tensor, q_weight: Tensor,
+                 q_bias: Optional[Tensor], k_weight: Tensor, k_bias: Optional[Tensor],
+                 v_weight: Tensor, v_bias: Optional[Tensor], c_weight: Tensor,
+                 c_bias: Optional[Tensor], heads: int) -> Tensor: ...
+
+
 @dataclass(frozen=True)
 class Backend:
+    """One implementation of each op of the contract above."""
     name: str
-    linear: Callable
-    layer_norm: Callable
-    add_layer_norm: Callable
-    attention: Callable
-    mlp: Callable
-    attention_pool2d: Callable
+    linear: Linear
+    layer_norm: LayerNorm
+    add_layer_norm: AddLayerNorm
+    attention: Attention
+    mlp: MLP
+    attention_pool2d: AttentionPool2d
 
     def __repr__(self):
         return f"Backend({self.name!r})"
 
 
-def _layer_norm(x, weight, bias, eps):
-    """``reference.layer_norm`` without its fp32 copy of a CPU input: PyTorch's CPU kernel
-    takes bf16/fp16 inputs with fp32 weights and computes in fp32 (CUDA's kernel wants one
-    dtype for both, so CUDA tensors take the reference)."""
-    if x.device.type != "cpu":
-        return reference.layer_norm(x, weight, bias, eps)
-    weight = weight.float() if weight is not None else None
-    bias = bias.float() if bias is not None else None
-    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
-
-
-def _add_layer_norm(x, residual, weight, bias, eps):
-    total = x + residual
-    return total, _layer_norm(total, weight, bias, eps)
-
-
-def _mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):
-    """``reference.mlp``. On the CPU without a gradient: oneDNN on packed weights with the
-    activation and the residual add fused into the products (``fastclip.cpu_linear``).
-    Elsewhere QuickGELU is computed in place when no gradient is recorded: the hidden layer is
-    the block's largest tensor, and each buffer fewer is a pass fewer."""
-    out = cpu_linear.mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
-    if out is not None:
-        return out
-    hidden = F.linear(x, fc_weight, fc_bias)
-    if activation == "quick_gelu" and not (torch.is_grad_enabled() and hidden.requires_grad):
-        hidden = hidden.mul_(torch.sigmoid_(hidden * 1.702))
-    else:
-        hidden = reference.ACTIVATIONS[activation](hidden)
-    out = F.linear(hidden, proj_weight, proj_bias)
-    return out if residual is None else residual + out
-
-
-def _sdpa_attention(qkv, heads, causal):
-    q, k, v = reference.split_heads(qkv, heads)
-    return reference.merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-
+OPS = ("linear", "layer_norm", "add_layer_norm", "attention", "mlp", "attention_pool2d")
 
 REFERENCE = Backend(
     name="reference",
@@ -96,11 +102,11 @@ REFERENCE = Backend(
 
 TORCH = Backend(
     name="torch",
-    linear=cpu_linear.linear,
-    layer_norm=_layer_norm,
-    add_layer_norm=_add_layer_norm,
-    attention=_sdpa_attention,
-    mlp=_mlp,
+    linear=torch_backend.linear,
+    layer_norm=torch_backend.layer_norm,
+    add_layer_norm=torch_backend.add_layer_norm,
+    attention=torch_backend.attention,
+    mlp=torch_backend.mlp,
     attention_pool2d=attention_pool.attention_pool2d,
 )
 
@@ -112,7 +118,8 @@ def _triton_backend(device=None):
     before fastclip's kernels were first imported (Triton's interpreter, for testing).
     """
     try:
-        from . import kernels
+        from .. import kernels
+        from . import triton_autograd  # noqa: F401  (registers the kernels' backward passes)
     except ImportError as error:
         raise RuntimeError(
             f"backend='triton' needs the triton package, which did not import ({error}). "
@@ -159,3 +166,10 @@ def get_backend(name="auto", device="cpu"):
     if name == "torch":
         return TORCH
     return _triton_backend(device)
+
+
+class ComputesWithBackend:
+    """Mixed into every module that computes through ``self.ops``. ``CLIP.set_backend`` sets
+    ``ops`` on every instance of it, subclasses included, so no block can keep another
+    backend than the model's."""
+    ops: Backend = REFERENCE

@@ -1,8 +1,15 @@
-"""``fastclip embed``: the command-line front of :func:`fastclip.embed.embed`."""
+"""``fastclip embed``: the command-line front of :class:`fastclip.embed.EmbedJob`."""
 
+import dataclasses
 import sys
 
-from . import decode
+from ..embed import EmbedJob, summary_line
+from ..embed import run as run_job
+from ..embed.job import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEYS, MODEL_DTYPES, OUTPUT_DTYPES
+from ..images import DEFAULT_MAX_PIXELS
+from ..ops.dispatch import BACKEND_NAMES
+
+DEFAULTS = EmbedJob(output="")
 
 
 def add_arguments(parser):
@@ -21,46 +28,45 @@ def add_arguments(parser):
     inputs.add_argument("--embed-captions", action="store_true",
                         help="also embed the captions of image sources (a tar's caption key, "
                              "a table's --text-column) into text_emb")
-    inputs.add_argument("--image-keys", default=";".join(decode.DEFAULT_IMAGE_KEYS),
+    inputs.add_argument("--image-keys", default=";".join(DEFAULT_IMAGE_KEYS),
                         help="WebDataset image extensions, in order of preference "
                              "(default: %(default)s)")
-    inputs.add_argument("--caption-key", default=decode.DEFAULT_CAPTION_KEY,
+    inputs.add_argument("--caption-key", default=DEFAULT_CAPTION_KEY,
                         help="WebDataset caption extension (default: %(default)s)")
     inputs.add_argument("--limit", type=int, default=None,
                         help="embed only the first N inputs (file and table sources)")
-    inputs.add_argument("--max-pixels", type=int, default=decode.DEFAULT_MAX_PIXELS,
+    inputs.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help="images with more pixels are recorded as decompression bombs "
                              "(default: PIL's limit, %(default)s)")
 
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--output", required=True, help="the output folder")
-    output.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+    output.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default=DEFAULTS.dtype,
                         help="dtype of the stored embeddings (default: fp16)")
     output.add_argument("--normalize", action="store_true", default=True,
                         help="store unit-norm embeddings (the default)")
     output.add_argument("--no-normalize", dest="normalize", action="store_false",
                         help="store the raw embeddings")
-    output.add_argument("--shard-size", type=int, default=100_000,
+    output.add_argument("--shard-size", type=int, default=DEFAULTS.shard_size,
                         help="inputs per output shard of file and table sources; a tar "
                              "shard always makes one output shard (default: 100000)")
     output.add_argument("--resume", action="store_true",
                         help="complete an interrupted job in the output folder")
 
     run_options = parser.add_argument_group("model and hardware")
-    run_options.add_argument("--model", default="ViT-B/32",
+    run_options.add_argument("--model", default=DEFAULTS.model,
                              help="a model name, a checkpoint path, 'random:tiny' (a tiny "
                                   "random model for smoke tests) or 'random:ViT-B/32' "
                                   "(default: ViT-B/32)")
-    run_options.add_argument("--batch-size", type=int, default=256)
+    run_options.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     run_options.add_argument("--num-workers", type=int, default=None,
                              help="decoding processes (default: on CUDA, the cores less "
                                   "one, at most 16; on the CPU, one per 8 cores, at least 1)")
     run_options.add_argument("--device", default=None,
                              help="cuda, cuda:1 or cpu (default: CUDA when available; under "
                                   "torchrun, cuda:LOCAL_RANK)")
-    run_options.add_argument("--backend", default="auto",
-                             choices=["auto", "triton", "torch", "reference"])
-    run_options.add_argument("--model-dtype", choices=["fp16", "bf16", "fp32"], default=None,
+    run_options.add_argument("--backend", default=DEFAULTS.backend, choices=BACKEND_NAMES)
+    run_options.add_argument("--model-dtype", choices=list(MODEL_DTYPES), default=None,
                              help="dtype of the weights (default: fp16 on CUDA, fp32 on CPU)")
     run_options.add_argument("--gpu-decode", action="store_true",
                              help="decode JPEGs on the GPU with nvjpeg and resize them there "
@@ -69,17 +75,15 @@ def add_arguments(parser):
                              help="no progress bar")
 
 
+def job_from(args):
+    """The :class:`EmbedJob` that parsed arguments describe."""
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(EmbedJob)
+                if f.name != "image_keys"}
+    return EmbedJob(**settings, image_keys=args.image_keys.split(";"))
+
+
 def run(args):
-    from .pipeline import embed, summary_line
-    summary = embed(
-        args.output, images=args.images, texts=args.texts, model=args.model,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
-        backend=args.backend, dtype=args.dtype, model_dtype=args.model_dtype,
-        normalize=args.normalize, shard_size=args.shard_size, resume=args.resume,
-        limit=args.limit, image_column=args.image_column, text_column=args.text_column,
-        embed_captions=args.embed_captions, image_keys=args.image_keys.split(";"),
-        caption_key=args.caption_key, max_pixels=args.max_pixels, gpu_decode=args.gpu_decode,
-        progress=args.progress)
+    summary = run_job(job_from(args))
     print(summary_line(summary), file=sys.stderr)
     if summary["manifest"] is not None:
         print(f"Wrote {args.output} (manifest.json, failures.jsonl)", file=sys.stderr)

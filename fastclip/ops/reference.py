@@ -1,8 +1,8 @@
 """Plain-PyTorch reference implementations of the operations CLIP's blocks are made of.
 
-These are OpenAI's formulas, written for reading. The ``reference`` backend runs them, and
-every fused kernel (Triton in ``fastclip.kernels``, C++/CUDA in ``fastclip._C``) is tested
-against them.
+These are OpenAI's formulas, written for reading. The ``reference`` backend runs them, every
+fused kernel (Triton in ``fastclip.kernels``, C++/CUDA in ``fastclip._C``) is tested against
+them, and the Triton kernels' backward passes differentiate them (``triton_autograd``).
 
 Layouts: token sequences are batch-first, ``(N, L, D)``.
 """
@@ -65,6 +65,15 @@ def attention(qkv, heads, causal):
     return merge_heads(probs @ v)
 
 
+def linear_act(x, weight, bias, activation, residual=None):
+    """``activation(x @ weight.T + bias) + residual``: a linear layer with the epilogue the
+    fused kernel computes; ``activation`` is ``"none"`` or a key of ``ACTIVATIONS``."""
+    out = F.linear(x, weight, bias)
+    if activation != "none":
+        out = ACTIVATIONS[activation](out)
+    return out if residual is None else out + residual
+
+
 def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):
     """Linear -> activation -> Linear, the transformer block's feed-forward network, plus
     ``residual`` (the block's input) when given."""
@@ -84,8 +93,8 @@ def attention_pool2d(x, positional_embedding, q_weight, q_bias, k_weight, k_bias
                      v_weight, v_bias, c_weight, c_bias, heads):
     """OpenAI's AttentionPool2d: the mean token attends over all HW+1 tokens.
 
-    This projects K and V for every token, exactly as OpenAI's formulation does; see
-    ``fastclip.attention_pool.attention_pool2d_single_query`` for the algebra that avoids it.
+    This projects K and V for every token, exactly as OpenAI's formulation does;
+    ``fastclip.ops.attention_pool`` computes the same with one query's algebra.
     """
     tokens = attention_pool2d_tokens(x, positional_embedding)
     n, length, width = tokens.shape

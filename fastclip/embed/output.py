@@ -1,0 +1,200 @@
+"""The output folder: clip-retrieval's layout, its files, and the checks that let a job
+start in it or resume it.
+
+Layout (N is the chunk index, zero-padded to the same width for every shard)::
+
+    img_emb/img_emb_{N}.npy          one row per embedded image
+    text_emb/text_emb_{N}.npy        one row per embedded text, aligned with the images
+    metadata/metadata_{N}.parquet    key, image_path, caption: aligned with the rows
+    manifest.json                    model, backend, dtype, normalized, counts, version
+    failures.jsonl                   one line per input that could not be embedded
+    .fastclip/plan.json              the job's settings and input fingerprint (for --resume)
+    .fastclip/failures_{N}.jsonl     the failures of shard N
+    .fastclip/done_{N}.json          written last: shard N is complete
+
+Every file is written under a temporary name and renamed into place, so a reader never
+sees half a file. A shard counts as written only once its ``done`` marker exists; a run
+killed at any moment keeps every complete shard, and ``--resume`` redoes the others
+(replacing any of their files that were renamed into place before the kill), so every input
+ends up in exactly one shard. ``manifest.json`` and ``failures.jsonl`` are assembled from the
+markers once every shard of the plan is done.
+"""
+
+import json
+import os
+import time
+
+import numpy as np
+
+from ..files import atomic_write, is_temporary
+from .job import EmbedJob
+from .ranks import barrier, grouped, on_rank_zero
+
+STATE_DIR = ".fastclip"
+
+
+def write_json(path, value):
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode() + b"\n"))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class OutputFolder:
+    """The files of one job's output folder."""
+
+    def __init__(self, root, name_width):
+        self.root = root
+        self.width = name_width
+
+    def name(self, index):
+        return str(index).zfill(self.width)
+
+    def path(self, kind, index):
+        """``kind`` is ``img_emb``, ``text_emb``, ``metadata``, ``failures`` or ``done``."""
+        if kind in ("img_emb", "text_emb"):
+            return os.path.join(self.root, kind, f"{kind}_{self.name(index)}.npy")
+        if kind == "metadata":
+            return os.path.join(self.root, kind, f"metadata_{self.name(index)}.parquet")
+        extension = "jsonl" if kind == "failures" else "json"
+        return os.path.join(self.root, STATE_DIR, f"{kind}_{self.name(index)}.{extension}")
+
+    @property
+    def plan_path(self):
+        return os.path.join(self.root, STATE_DIR, "plan.json")
+
+    def make_folders(self, embed_images, embed_texts):
+        folders = ["metadata", STATE_DIR] + ["img_emb"] * embed_images + ["text_emb"] * embed_texts
+        for folder in folders:
+            os.makedirs(os.path.join(self.root, folder), exist_ok=True)
+
+    def remove_temporaries(self):
+        """Delete the temporary files a killed run left (never complete files)."""
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                if is_temporary(name):
+                    os.remove(os.path.join(folder, name))
+
+    def done_indices(self):
+        """The indices of the shards whose ``done`` marker exists."""
+        state = os.path.join(self.root, STATE_DIR)
+        names = os.listdir(state) if os.path.isdir(state) else []
+        return {int(n[len("done_"):-len(".json")]) for n in names
+                if n.startswith("done_") and n.endswith(".json") and n[5:-5].isdigit()}
+
+    def commit_chunk(self, index, image, text, rows, failures, inputs, columns):
+        """Write shard ``index``: embeddings, metadata, failures, then the done marker."""
+        files = []
+        if rows:
+            for kind, array in (("img_emb", image), ("text_emb", text)):
+                if array is not None:
+                    atomic_write(self.path(kind, index), lambda f, a=array: np.save(f, a))
+                    files.append(self.path(kind, index))
+            atomic_write(self.path("metadata", index),
+                         lambda f: _write_metadata(f, rows, columns))
+            files.append(self.path("metadata", index))
+        atomic_write(self.path("failures", index),
+                     lambda f: f.write("".join(json.dumps(x) + "\n" for x in failures).encode()))
+        write_json(self.path("done", index), {
+            "index": index, "inputs": inputs, "rows": len(rows), "failures": len(failures),
+            "images": 0 if image is None else len(rows),
+            "texts": 0 if text is None else len(rows),
+            "files": [os.path.relpath(f, self.root) for f in files]})
+
+    def finalize(self, job, n_chunks):
+        """Write ``failures.jsonl`` and ``manifest.json`` if every shard is done; return the
+        manifest, or None when shards are missing."""
+        if self.done_indices() != set(range(n_chunks)):
+            return None
+        markers = [read_json(self.path("done", i)) for i in range(n_chunks)]
+
+        def concatenate_failures(f):
+            for i in range(n_chunks):
+                with open(self.path("failures", i), "rb") as part:
+                    f.write(part.read())
+
+        atomic_write(os.path.join(self.root, "failures.jsonl"), concatenate_failures)
+        total = lambda field: sum(m[field] for m in markers)  # noqa: E731
+        manifest = {
+            **job,
+            "counts": {"inputs": total("inputs"), "rows": total("rows"),
+                       "images": total("images"), "texts": total("texts"),
+                       "failures": total("failures"),
+                       "shards": sum(1 for m in markers if m["rows"])},
+            "failures": total("failures"),
+        }
+        write_json(os.path.join(self.root, "manifest.json"), manifest)
+        return manifest
+
+
+def _write_metadata(f, rows, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = pa.schema([(column, pa.string()) for column in columns])
+    table = pa.table({c: [row.get(c) for row in rows] for c in columns}, schema=schema)
+    pq.write_table(table, f)
+
+
+def prepare_output(folder, plan, job, resume, ranks):
+    """Check the output folder and record the plan and the ``job`` (``EmbedJob.record``).
+    Rank 0 decides; other ranks wait for its plan (at a barrier when a process group exists,
+    else by watching for the file)."""
+    group = grouped()
+
+    def decide():
+        check_output_is_free(folder, resume)
+        if resume and os.path.exists(folder.plan_path):
+            _check_same_job(folder, plan, job)
+        folder.make_folders(plan.embed_images, plan.embed_texts)
+        # A killed run's temporary files are inert (readers open only final names). They are
+        # deleted only while no other rank can be writing: alone, or before the barrier.
+        # Without a process group, ranks on a resumed job start at once, so they stay.
+        if ranks.alone or group:
+            folder.remove_temporaries()
+        write_json(folder.plan_path, {"fingerprint": plan.fingerprint,
+                                      "chunks": len(plan.chunks), "job": job})
+
+    on_rank_zero(ranks, decide)
+    if not barrier() and ranks.rank != 0:
+        _wait_for_plan(folder, plan)
+    if ranks.rank != 0 and resume:
+        _check_same_job(folder, plan, job)  # every rank refuses a resume with other settings
+
+
+def check_output_is_free(folder, resume):
+    """The output folder must be new or empty, or hold a job that ``resume`` completes."""
+    if not os.path.exists(folder.plan_path):
+        if os.path.isdir(folder.root) and os.listdir(folder.root):
+            raise FileExistsError(
+                f"The output folder {folder.root} is not empty and holds no fastclip job; "
+                "choose a new or empty folder.")
+    elif not resume:
+        raise FileExistsError(
+            f"The output folder {folder.root} already holds a job; pass --resume to complete "
+            "it, or choose a new folder.")
+
+
+def _check_same_job(folder, plan, job):
+    recorded = read_json(folder.plan_path)
+    if recorded["fingerprint"] != plan.fingerprint:
+        raise ValueError(
+            f"--resume: the inputs or --shard-size differ from those of the job in "
+            f"{folder.root}; resume with the same inputs and options, or use a new folder.")
+    for setting in EmbedJob.resume_names():
+        if recorded["job"].get(setting) != job[setting]:
+            raise ValueError(
+                f"--resume: the job in {folder.root} was run with {setting}="
+                f"{recorded['job'].get(setting)!r}, not {job[setting]!r}; resume with the "
+                "same setting so that every row is computed the same way.")
+
+
+def _wait_for_plan(folder, plan, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(folder.plan_path) and \
+                read_json(folder.plan_path)["fingerprint"] == plan.fingerprint:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"Rank 0 did not record the job in {folder.root} within {timeout} s.")

@@ -1,0 +1,206 @@
+"""The worker side of a job: inputs read, decoded and preprocessed into batches, in
+DataLoader worker processes.
+
+The workers take the job's units in turn: pieces of ``batch_size`` inputs of a listed chunk,
+or a whole tar shard. Every batch carries its chunk and its piece number there, and the last
+one of a chunk says so, so the writer puts a chunk's rows back in input order and knows when
+the chunk is complete, whichever workers made its pieces.
+
+Every way an input can be bad raises ``InputError`` (``fastclip.images``), recorded as that
+input's failure; a tar shard cut short keeps the complete samples before the damage.
+"""
+
+import tarfile
+from functools import partial
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, InputError, decode_image, read_file
+from ..tokenizer import tokenize
+from . import device_decode
+from .job import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEYS
+
+
+def _split_key(member_name):
+    """WebDataset's convention: ``dir/sample.ext`` -> (``dir/sample``, ``ext``), where the
+    extension is everything after the first dot of the file name."""
+    folder, _, name = member_name.rpartition("/")
+    stem, dot, extension = name.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def iter_webdataset(path, max_bytes=DEFAULT_MAX_BYTES):
+    """Yield ``(key, {extension: bytes})`` for the samples of a WebDataset tar shard, in
+    order. A shard that ends early or is corrupt raises :class:`InputError` after the
+    complete samples before the damage; the damaged sample is never yielded."""
+    key, fields = None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                member_key, extension = _split_key(member.name)
+                if member_key != key:
+                    if key is not None:
+                        yield key, fields
+                    key, fields = member_key, {}
+                if member.size > max_bytes:
+                    fields[extension] = InputError(
+                        f"tar member {member.name} of {member.size} bytes is larger than the "
+                        f"{max_bytes}-byte limit")
+                    continue
+                fields[extension] = archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise InputError(f"tar shard cut short or corrupt at sample {key!r} (it and any "
+                         f"later samples are not embedded): {type(error).__name__}: {error}"
+                         ) from None
+    if key is not None:
+        yield key, fields
+
+
+def sample_image(fields, image_keys=DEFAULT_IMAGE_KEYS):
+    """The image bytes of a WebDataset sample: the first of ``image_keys`` it has."""
+    for extension in image_keys:
+        if extension in fields:
+            value = fields[extension]
+            if isinstance(value, InputError):
+                raise value
+            return value
+    raise InputError(f"no image in the sample (looked for {', '.join(image_keys)}; it has "
+                     f"{', '.join(sorted(fields)) or 'nothing'})")
+
+
+def sample_caption(fields, caption_key=DEFAULT_CAPTION_KEY):
+    """The caption of a WebDataset sample, or None when it has none."""
+    value = fields.get(caption_key)
+    if value is None or isinstance(value, InputError):
+        return None
+    return value.decode("utf-8", errors="replace").strip()
+
+
+class EmbedDataset(IterableDataset):
+    """Batches of preprocessed images and token ids, one chunk at a time, with the metadata
+    rows of the inputs that worked and the failures of those that did not."""
+
+    def __init__(self, chunks, preprocess, batch_size, embed_images, embed_texts,
+                 context_length=77, max_pixels=DEFAULT_MAX_PIXELS,
+                 max_bytes=DEFAULT_MAX_BYTES, image_keys=DEFAULT_IMAGE_KEYS,
+                 caption_key=DEFAULT_CAPTION_KEY, device_decode=False):
+        self.chunks = chunks
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.embed_images = embed_images
+        self.embed_texts = embed_texts
+        self.context_length = context_length
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.image_keys = tuple(image_keys)
+        self.caption_key = caption_key
+        self.device_decode = device_decode
+
+    def units(self):
+        """The work of the job as ``(chunk, start, stop)`` units, dealt to the workers in
+        turn: a listed chunk is cut into pieces of ``batch_size`` inputs (one batch each), so
+        that every worker helps even when the job has fewer chunks than workers; a tar shard
+        is one unit (``start`` is None), read in a single pass."""
+        units = []
+        for chunk in self.chunks:
+            if chunk.tar_path is not None:
+                units.append((chunk, None, None))
+            else:
+                size = len(chunk.items)
+                units.extend((chunk, start, min(start + self.batch_size, size))
+                             for start in range(0, max(size, 1), self.batch_size))
+        return units
+
+    def __iter__(self):
+        worker = get_worker_info()
+        units = self.units()
+        if worker is not None:
+            units = units[worker.id::worker.num_workers]
+        for chunk, start, stop in units:
+            if start is None:
+                yield from self._batches(chunk, self._samples(chunk))
+            else:
+                # A piece of a listed chunk: one batch, numbered by its place in the chunk.
+                piece = start // self.batch_size
+                yield from self._batches(
+                    chunk, self._listed_samples(chunk.items[start:stop]), first_piece=piece,
+                    last=stop == len(chunk.items))
+
+    def _batches(self, chunk, samples, first_piece=0, last=True):
+        """Batches of ``batch_size`` good rows from ``samples``; the final one says whether it
+        ends the chunk (``last``). Each batch carries its ``piece`` number in the chunk."""
+        rows, images, failures, inputs = [], [], [], 0
+        piece = first_piece
+        for row, image, reason in samples:
+            if len(rows) == self.batch_size:  # full, and more input follows
+                yield self._batch(chunk, piece, rows, images, failures, inputs, last=False)
+                rows, images, failures, inputs = [], [], [], 0
+                piece += 1
+            inputs += 1
+            if reason is None:
+                rows.append(row)
+                images.append(image)
+            else:
+                failures.append({"key": row["key"], "reason": reason, "shard": chunk.index})
+        yield self._batch(chunk, piece, rows, images, failures, inputs, last=last)
+
+    def _listed_samples(self, items):
+        for item in items:
+            yield self._sample(item.key, item.image_path, item.text,
+                               partial(read_file, item.image_path, self.max_bytes))
+
+    def _samples(self, chunk):
+        """``(row, image tensor, failure reason)`` for each sample of a tar shard."""
+        try:
+            for key, fields in iter_webdataset(chunk.tar_path, self.max_bytes):
+                yield self._sample(f"{chunk.tar_path}:{key}", None,
+                                   sample_caption(fields, self.caption_key),
+                                   partial(sample_image, fields, self.image_keys))
+        except InputError as error:
+            yield {"key": chunk.tar_path}, None, str(error)
+
+    def _sample(self, key, image_path, text, read_bytes):
+        row = {"key": key, "image_path": image_path, "caption": text}
+        try:
+            if self.embed_texts and text is None:
+                raise InputError("no text (an empty cell, or no caption in the sample)")
+            image = None
+            if self.embed_images:
+                data = read_bytes()
+                if self.device_decode:
+                    # JPEG bytes, decoded later on the model's device (device_decode.py).
+                    image = device_decode.device_decodable(data, self.max_pixels)
+                if image is None:
+                    image = self.preprocess(decode_image(data, self.max_pixels))
+        except InputError as error:
+            return row, None, str(error)
+        return row, image, None
+
+    def _batch(self, chunk, piece, rows, images, failures, inputs, last):
+        jpegs = []
+        if self.device_decode and self.embed_images:
+            # Preprocessed images first, then the JPEG bytes for the device, rows in step.
+            order = sorted(range(len(rows)), key=lambda i: images[i].dim() == 1)
+            rows, images = [rows[i] for i in order], [images[i] for i in order]
+            while images and images[-1].dim() == 1:
+                jpegs.insert(0, images.pop())
+        texts = [row["caption"] for row in rows]
+        has_rows = len(rows) > 0
+        return {
+            "chunk": chunk.index, "piece": piece, "last": last, "inputs": inputs, "rows": rows,
+            "failures": failures, "jpegs": jpegs or None,
+            "images": torch.stack(images) if self.embed_images and images else None,
+            # Texts longer than the context are cut (and end with end-of-text), as
+            # clip-retrieval does, rather than failing the whole row.
+            "tokens": (tokenize(texts, self.context_length, truncate=True)
+                       if self.embed_texts and has_rows else None),
+        }
+
+
+def single_thread_worker(worker_id):
+    # Workers decode with PIL and preprocess small tensors; torch's intra-op threads would
+    # only compete with the model for cores.
+    torch.set_num_threads(1)

@@ -1,0 +1,79 @@
+"""Reading images safely: file bytes and decoding.
+
+Every way an image can be bad (missing, empty, not an image, truncated, corrupt, a
+decompression bomb) raises :class:`InputError` with a reason that a job records
+(``failures.jsonl``) or a command prints. Nothing here may crash a job or hang on one input:
+images are size-checked from their header before any pixel is decoded, and files are
+size-checked before they are read.
+"""
+
+import io
+import os
+import warnings
+
+from PIL import Image
+
+# PIL's own default bomb limit (about 89 million pixels, 0.25 GiB of RGB at 24 bits).
+DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_BYTES = 256 << 20
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class InputError(ValueError):
+    """One input could not be used; ``str(error)`` is the reason recorded for it."""
+
+
+def read_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES):
+    """The decoded PIL image of the file at ``path``."""
+    return decode_image(read_file(path, max_bytes), max_pixels)
+
+
+def read_file(path, max_bytes=DEFAULT_MAX_BYTES):
+    """The bytes of the file at ``path``."""
+    if path is None:
+        raise InputError("no image path (an empty cell in the table)")
+    try:
+        if not os.path.isfile(path) and os.path.exists(path):
+            # A folder, a FIFO or a device named like an image: reading it could block.
+            raise InputError("not a regular file")
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise InputError(f"file of {size} bytes is larger than the {max_bytes}-byte limit")
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise InputError(f"unreadable: {type(error).__name__}: {error}") from error
+
+
+def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS):
+    """A fully decoded PIL image from encoded bytes.
+
+    The pixel count is checked from the header, before decoding, so a decompression bomb
+    costs nothing; PIL's own bomb warning is raised as an error too. ``load()`` decodes every
+    pixel here, so a truncated file fails now rather than later in preprocessing.
+    """
+    if not data:
+        raise InputError("empty file")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # PIL refuses images past its own limit inside Image.open: raise it to the one asked
+        # for (the header check below enforces max_pixels).
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InputError(f"decompression bomb: {width}x{height} = {width * height} "
+                                 f"pixels is more than the limit of {max_pixels}")
+            image.load()
+    except InputError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise InputError("not an image (PIL cannot identify the format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputError(f"decompression bomb: {error}") from None
+    except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, ...
+        raise InputError(f"corrupt or truncated image: {type(error).__name__}: {error}") \
+            from None
+    return image
