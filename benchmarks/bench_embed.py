@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import fastclip
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -78,8 +80,7 @@ def synchronize(device):
 def model_only(count, batch_size=64, device="cpu"):
     """The compute ceiling under the same conditions: batched ``encode_image`` on ready
     tensors, in-process, no decoding or writing."""
-    from fastclip.embed.models import load_model
-    model, _ = load_model("random:ViT-B/32", device, "auto")
+    model, _ = fastclip.load("random:ViT-B/32", device=device)
     batch = torch.randn(batch_size, 3, 224, 224, device=device)
     with torch.inference_mode():
         model.encode_image(batch)  # warm-up
@@ -97,8 +98,7 @@ def model_only(count, batch_size=64, device="cpu"):
 
 
 def single_image_loop(images_folder, count, device="cpu"):
-    from fastclip.embed.models import load_model
-    model, preprocess = load_model("random:ViT-B/32", device, "auto")
+    model, preprocess = fastclip.load("random:ViT-B/32", device=device)
     paths = sorted(os.path.join(images_folder, n) for n in os.listdir(images_folder))[:count]
     with torch.inference_mode():
         model.encode_image(preprocess(Image.open(paths[0]))[None].to(device))  # warm-up

@@ -120,8 +120,8 @@ at::Tensor pool_tokens_cpu(const at::Tensor& x, const at::Tensor& positions) {
 
 at::Tensor attend_cpu(const at::Tensor& tokens, const at::Tensor& key_query, double scale) {
   // Batched matmuls over images, in fp32 (fp64 for doubles), leave the threading to ATen's
-  // GEMMs. (An at::parallel_for over images and heads with a small matmul per task measured
-  // as fast on one thread, but up to 3x slower on two threads of a shared, loaded machine.)
+  // GEMMs, which keep their speed when other work shares the cores; a parallel_for of small
+  // per-image matmuls does not.
   const at::ScalarType acc_type = at::toOpMathType(tokens.scalar_type());
   const at::Tensor images = tokens.to(acc_type);                     // (N, L, C)
   const at::Tensor queries = key_query.transpose(0, 1).to(acc_type);  // (N, heads, C)
