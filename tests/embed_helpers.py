@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-import fastclip
 from fastclip.loading import TINY_CONFIG
+
+from small_models import small_clip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,8 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_checkpoint():
     """The path of a small random ViT CLIP's state dict (64-pixel images, 64-d embeddings),
     saved once per test process."""
-    torch.manual_seed(1)
-    model = fastclip.build_model_from_config("ViT-B/32", **TINY_CONFIG)
+    model = small_clip(seed=1, **TINY_CONFIG)
     folder = tempfile.mkdtemp(prefix="fastclip_tiny_")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = os.path.join(folder, "tiny.pt")

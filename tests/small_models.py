@@ -1,11 +1,18 @@
-"""Small CLIP models that tests build for themselves (random weights, seconds on a CPU)."""
+"""The small CLIP models that tests build for themselves (random weights, seconds on a CPU):
+one helper, with each test's variations as overrides of one configuration."""
 
-from fastclip.model import build_model_from_config
+import torch
+
+from fastclip.model import CLIP
+
+# A two-block ViT CLIP on 64-pixel images with OpenAI's 49,408-token vocabulary, so that
+# fastclip.tokenize's ids fit (widths are multiples of 64: loading infers heads as width // 64).
+SMALL = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=128,
+             vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=128,
+             transformer_heads=2, transformer_layers=2)
 
 
-def small_clip():
-    """A two-block ViT CLIP with 64-pixel images, widths 128 and a 1,000-token vocabulary."""
-    return build_model_from_config(
-        "ViT-B/32", embed_dim=64, image_resolution=64, vision_layers=2, vision_width=128,
-        transformer_layers=2, transformer_width=128, transformer_heads=2, vocab_size=1000,
-    ).eval()
+def small_clip(seed=0, **overrides):
+    """A ``CLIP(**{**SMALL, **overrides})`` in eval mode, its weights drawn from ``seed``."""
+    torch.manual_seed(seed)
+    return CLIP(**{**SMALL, **overrides}).eval()

@@ -16,6 +16,7 @@ from fastclip.model import convert_weights
 from fastclip.ops import cpu_linear, reference
 
 from numerics import assert_close_relative, cosine, worst_element
+from small_models import small_clip
 
 pytestmark = pytest.mark.skipif(not cpu_linear.enabled(),
                                 reason="this PyTorch has no oneDNN (mkldnn) CPU ops")
@@ -145,12 +146,11 @@ def test_switched_off(monkeypatch):
 
 
 def small_vit(**overrides):
-    config = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                  vision_patch_size=8, context_length=16, vocab_size=49408,
-                  transformer_width=64, transformer_heads=1, transformer_layers=2)
-    config.update(overrides)
-    torch.manual_seed(7)
-    return fastclip.CLIP(**config).eval().set_backend("torch")
+    """A smaller variant of the tests' small CLIP, on the torch backend."""
+    return small_clip(seed=7, **{**dict(embed_dim=32, image_resolution=32, vision_width=64,
+                                        vision_patch_size=8, context_length=16,
+                                        transformer_width=64, transformer_heads=1),
+                                 **overrides}).set_backend("torch")
 
 
 def encode(model, images):

@@ -240,7 +240,7 @@ def clip_inputs():
 
 
 def test_small_clip_fp32_matches_reference():
-    model = small_clip().to(DEVICE)
+    model = small_clip(vision_patch_size=32, vocab_size=1000).to(DEVICE)
     images, texts = clip_inputs()
     with torch.no_grad():
         expected = model.set_backend("reference").encode_image(images), model.encode_text(texts)
@@ -270,7 +270,7 @@ def test_training_through_the_kernels_gives_the_reference_gradients():
 
 
 def test_small_clip_fp16_stays_close_to_fp32():
-    model = small_clip().to(DEVICE)
+    model = small_clip(vision_patch_size=32, vocab_size=1000).to(DEVICE)
     images, texts = clip_inputs()
     with torch.no_grad():
         expected = model.set_backend("reference").encode_image(images), model.encode_text(texts)

@@ -14,16 +14,12 @@ import fastclip
 from fastclip import checkpoints as loading
 
 from numerics import assert_close_relative
-
-SMALL = dict(embed_dim=64, image_resolution=64, vision_layers=2, vision_width=128,
-             vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=128,
-             transformer_heads=2, transformer_layers=2)
+from small_models import small_clip
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return fastclip.CLIP(**SMALL).eval()
+    return small_clip()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +66,7 @@ def test_training_checkpoint_with_module_prefix(tmp_path, model, inputs):
 def test_torchscript_archive(tmp_path, model, inputs):
     """OpenAI's releases are TorchScript archives whose state dicts also hold
     input_resolution, context_length and vocab_size."""
-    scripted_source = fastclip.CLIP(**SMALL).eval()
+    scripted_source = small_clip()
     scripted_source.load_state_dict(model.state_dict())
     for name, value in (("input_resolution", 64), ("context_length", 77), ("vocab_size", 49408)):
         scripted_source.__dict__.pop(name, None)
@@ -86,7 +82,7 @@ def test_torchscript_archive(tmp_path, model, inputs):
 
 
 def test_openai_fp16_checkpoint_keeps_mixed_layout(tmp_path, model, inputs):
-    half = fastclip.convert_weights(fastclip.CLIP(**SMALL), torch.float16)
+    half = fastclip.convert_weights(small_clip(), torch.float16)
     half.load_state_dict(model.state_dict())
     path = tmp_path / "half.pt"
     torch.save(half.state_dict(), path)

@@ -13,14 +13,15 @@ import torch
 
 from fastclip import train
 from fastclip.cli.train import add_arguments, config_from
-from fastclip.model import CLIP
 from fastclip.tokenizer import tokenize
 from fastclip.train import shapes
 
-# A tiny ViT CLIP (widths are multiples of 64: loading infers heads as width // 64).
+from small_models import small_clip
+
+# A smaller variant of the tests' small CLIP: one block per tower, 32-pixel images.
 TINY = dict(embed_dim=64, image_resolution=32, vision_layers=1, vision_width=64,
-            vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
-            transformer_heads=1, transformer_layers=1)
+            vision_patch_size=8, transformer_width=64, transformer_heads=1,
+            transformer_layers=1)
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +42,7 @@ def parse(*argv):
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return CLIP(**TINY).set_backend("torch")
+    return small_clip(seed, **TINY).set_backend("torch")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ def test_batches_pad_to_the_smallest_captured_size():
 
 def test_refuses_a_model_off_cuda_and_bad_sizes():
     with pytest.raises(ValueError, match="need the model on a CUDA device; it is on cpu"):
-        enable_cuda_graphs(small_clip())
+        enable_cuda_graphs(small_clip(vision_patch_size=32, vocab_size=1000))
     with pytest.raises(ValueError, match="batch_sizes must be positive"):
         CUDAGraphed(lambda x: x, "cuda", batch_sizes=(0, 4))
 
@@ -29,7 +29,7 @@ def test_refuses_a_model_off_cuda_and_bad_sizes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_graphs_replay_the_model(backend):
-    model = small_clip().cuda().half().set_backend(backend)
+    model = small_clip(vision_patch_size=32, vocab_size=1000).cuda().half().set_backend(backend)
     images = torch.randn(40, 3, 64, 64, device="cuda")
     texts = torch.randint(1, 998, (40, 77), device="cuda")
     texts[:, 20] = 999
