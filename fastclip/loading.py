@@ -94,6 +94,7 @@ def load(name, device=None, jit=False, download_root=None, dtype=None, backend="
     if jit:
         warnings.warn("fastclip.load(jit=True): fastclip runs its own model, not the "
                       "TorchScript archive; returning that model.", stacklevel=2)
+    name = os.fspath(name)  # a path may come as a pathlib.Path
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if name.startswith(RANDOM_PREFIX):

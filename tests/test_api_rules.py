@@ -62,6 +62,13 @@ def test_random_models_load_by_name_seeded_without_moving_the_callers_generator(
         fastclip.load("random:ViT-Z/1")
 
 
+def test_load_takes_a_path_object(tmp_path):
+    path = tmp_path / "small.pt"
+    torch.save(small_clip().state_dict(), path)
+    model, _ = fastclip.load(path, device="cpu")
+    torch.testing.assert_close(model.visual.proj, small_clip().visual.proj)
+
+
 def test_encode_normalize_gives_unit_rows_of_the_same_directions():
     model = small_clip()
     images = torch.randn(3, 3, 64, 64)
