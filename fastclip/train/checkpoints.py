@@ -32,7 +32,8 @@ def load_checkpoint(path, config):
     """The checkpoint at ``path``, refused with a ValueError when it was saved by a run
     whose defining settings differ from ``config``'s."""
     checkpoint = read_checkpoint(path, "training checkpoint")
-    conflicts = config.resume_conflicts(checkpoint["config"])
+    # Checkpoints of earlier versions recorded the settings under "args".
+    conflicts = config.resume_conflicts(checkpoint.get("config", checkpoint.get("args", {})))
     if conflicts:
         raise ValueError(f"{path} was saved by a run with {', '.join(conflicts)}; resume with "
                          "the same options, or start a new run with another --checkpoint.")
