@@ -2,7 +2,8 @@
 SHA256), the models shipped with fastclip, and reading a file's state dict.
 
 OpenAI's released checkpoints are TorchScript archives. fastclip reads only their weights
-and builds its own model; it never runs an archive's code. Plain state dicts are read with
+(``fastclip.torchscript``, never ``torch.jit.load``) and builds its own model; no code in an
+archive ever runs. Plain state dicts are read with
 ``torch.load(..., weights_only=True)``.
 """
 
@@ -17,6 +18,7 @@ import zipfile
 import torch
 from tqdm import tqdm
 
+from . import torchscript
 from .files import atomic_write
 
 _MODELS = {
@@ -165,21 +167,14 @@ def read_checkpoint(path, what="checkpoint"):
     return _read(path, what, lambda: torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _torchscript_weights(path):
-    # Deserializing the archive compiles its TorchScript code but does not run it; only the
-    # parameters and buffers are taken.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        return dict(torch.jit.load(path, map_location="cpu").state_dict())
-
-
 def load_state_dict(path):
     """The state dict stored at ``path``: an OpenAI TorchScript archive (only its weights are
-    read) or a ``torch.save``'d state dict, loaded with ``weights_only=True``."""
+    read, and none of its code runs: ``fastclip.torchscript``) or a ``torch.save``'d state
+    dict, loaded with ``weights_only=True``."""
     what = ("checkpoint; fastclip.load expects an OpenAI CLIP .pt archive or a state dict "
             "saved with torch.save")
     if _is_torchscript_archive(path):
-        return _read(path, what, lambda: _torchscript_weights(path))
+        return _read(path, what, lambda: torchscript.read_weights(path))
     return _unwrap_state_dict(read_checkpoint(path, what), path)
 
 

@@ -1,0 +1,110 @@
+"""Files fastclip did not make: no code in them runs, no external program starts, and each
+bad one ends as a clear error or a recorded failure."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastclip
+from fastclip.torchscript import ArchiveError, read_weights
+
+from small_models import small_clip
+
+ARCHIVE_WITH_CODE = textwrap.dedent('''
+    import sys
+    from typing import Tuple
+    import torch
+    from torch import Tensor
+
+    class Module(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return x * self.w
+
+        @torch.jit.export
+        def __getstate__(self) -> Tuple[Tensor, bool]:
+            return (self.w, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: Tuple[Tensor, bool]) -> None:
+            print("archive code ran")
+            self.w = state[0]
+            self.training = state[1]
+
+    torch.jit.script(Module()).save(sys.argv[1])
+''')
+
+
+def run_python(tmp_path, source, *args):
+    script = tmp_path / "script.py"  # TorchScript needs its source in a file
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def archive_with_code(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("archive")
+    path = folder / "ViT-B-32.pt"
+    made = run_python(folder, ARCHIVE_WITH_CODE, str(path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    return path
+
+
+def test_torchscript_archive_code_would_run_under_torch_jit_load(tmp_path, archive_with_code):
+    """The crafted archive is a real attack: torch.jit.load runs its __setstate__."""
+    loaded = run_python(tmp_path, f"import torch; torch.jit.load({str(archive_with_code)!r})")
+    assert "archive code ran" in loaded.stdout
+
+
+def test_fastclip_load_never_runs_an_archives_code(tmp_path, archive_with_code):
+    loaded = run_python(tmp_path, textwrap.dedent(f"""
+        import fastclip
+        try:
+            fastclip.load({str(archive_with_code)!r}, device="cpu")
+        except ValueError as error:
+            print("refused:", error)
+    """))
+    assert "archive code ran" not in loaded.stdout, loaded.stdout
+    assert "refused:" in loaded.stdout and "custom state" in loaded.stdout, loaded.stdout
+    with pytest.raises(ArchiveError, match="class __torch__.Module has a custom state"):
+        read_weights(archive_with_code)
+
+
+def test_traced_archive_weights_equal_torch_jit_loads(tmp_path):
+    model = small_clip()
+    archive = torch.jit.trace_module(model, {"encode_image": torch.randn(1, 3, 64, 64)})
+    path = tmp_path / "traced.pt"
+    archive.save(str(path))
+    expected = torch.jit.load(str(path)).state_dict()
+    weights = read_weights(path)
+    assert sorted(weights) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(weights[key], value), key
+
+
+def test_archive_asking_for_other_globals_is_refused(tmp_path):
+    """A data.pkl that names a global other than tensors and its own modules (here os.system)
+    is refused before anything is built."""
+    import pickle
+    import zipfile
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("touch " + str(tmp_path / "pwned"),)
+
+    path = tmp_path / "archive.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(Payload(), protocol=2))
+        archive.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        archive.writestr("archive/code/__torch__.py", "")
+    with pytest.raises(ValueError, match="asks for posix.system"):
+        fastclip.load(str(path), device="cpu")
+    assert not (tmp_path / "pwned").exists()
