@@ -11,12 +11,36 @@ import io
 import os
 import warnings
 
-from PIL import Image
+# The plugins of ALLOWED_FORMATS are imported, so that PIL registers them (and only them).
+from PIL import (  # noqa: F401
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    JpegImagePlugin,
+    MpoImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,
+)
 
 # PIL's own default bomb limit (about 89 million pixels, 0.25 GiB of RGB at 24 bits).
 DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MAX_BYTES = 256 << 20
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The only formats PIL may parse: the ones photos and datasets come in. PIL's other plugins
+# are never reached (some start external programs, as EPS starts Ghostscript, and the rarer
+# parsers are the least tested). PIL's JPEG opener also reads MPO, the multi-picture JPEG of
+# many cameras.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# What a refused file most likely is, by its first bytes, to say so in its failure.
+_SIGNATURES = (
+    (b"%!PS", "PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+    (b"8BPS", "Photoshop PSD"), (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x00\x0cjP", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"),
+    (b"gimp xcf", "GIMP XCF"), (b"<svg", "SVG"), (b"<?xml", "XML"),
+    (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "gzip data"), (b"DDS ", "DDS"),
+    (b"qoif", "QOI"), (b"\x59\xa6\x6a\x95", "Sun raster"),
+)
 
 
 class InputError(ValueError):
@@ -45,8 +69,19 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES):
         raise InputError(f"unreadable: {type(error).__name__}: {error}") from error
 
 
+def sniff_format(data):
+    """A name for the format of ``data`` from its first bytes, or None."""
+    head = data[:32]
+    if head[4:8] == b"ftyp":
+        return f"ISO media ({head[8:12].decode('latin-1').strip()}, e.g. HEIC or AVIF)"
+    for signature, name in _SIGNATURES:
+        if head.startswith(signature):
+            return name
+    return None
+
+
 def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS):
-    """A fully decoded PIL image from encoded bytes.
+    """A fully decoded PIL image from encoded bytes, in one of ``ALLOWED_FORMATS``.
 
     The pixel count is checked from the header, before decoding, so a decompression bomb
     costs nothing; PIL's own bomb warning is raised as an error too. ``load()`` decodes every
@@ -61,7 +96,7 @@ def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise InputError(f"decompression bomb: {width}x{height} = {width * height} "
@@ -70,7 +105,11 @@ def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS):
     except InputError:
         raise
     except Image.UnidentifiedImageError:
-        raise InputError("not an image (PIL cannot identify the format)") from None
+        found = sniff_format(data)
+        raise InputError(
+            (f"not an allowed image format (it looks like {found})" if found else
+             "not an image in an allowed format") + f"; allowed: {', '.join(ALLOWED_FORMATS)}"
+        ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InputError(f"decompression bomb: {error}") from None
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, ...

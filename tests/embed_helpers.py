@@ -4,6 +4,7 @@ state dict, generated images, corrupt files, WebDataset tar shards and tables.""
 import atexit
 import functools
 import io
+import json
 import os
 import shutil
 import struct
@@ -156,3 +157,9 @@ def assert_rows_equal(actual, expected, atol, name="rows"):
     error = abs(float(actual[key][index]) - float(expected[key][index]))
     assert error <= atol, (f"{name}: worst element {key}[{index}]: {actual[key][index]} vs "
                            f"{expected[key][index]} (error {error:.3e} > {atol:.1e})")
+
+
+def read_failures(folder):
+    """``{key: reason}`` of an output folder's failures.jsonl."""
+    with open(os.path.join(folder, "failures.jsonl")) as f:
+        return {record["key"]: record["reason"] for record in map(json.loads, f)}

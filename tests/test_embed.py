@@ -20,6 +20,7 @@ from fastclip.embed.output import OutputFolder
 from embed_helpers import (
     assert_rows_equal,
     image_bytes,
+    read_failures,
     read_output,
     tiny_checkpoint,
     write_corrupt_files,
@@ -57,11 +58,6 @@ def text_rows(model, texts_by_key):
         features = clip_model.encode_text(tokens).float()
         features = features / features.norm(dim=-1, keepdim=True)
     return dict(zip(texts_by_key, features.numpy()))
-
-
-def read_failures(folder):
-    with open(os.path.join(folder, "failures.jsonl")) as f:
-        return {record["key"]: record["reason"] for record in map(json.loads, f)}
 
 
 def run(output, checkpoint, **options):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastclip
+from fastclip.embed import embed
 from fastclip.torchscript import ArchiveError, read_weights
 
 from small_models import small_clip
@@ -108,3 +109,62 @@ def test_archive_asking_for_other_globals_is_refused(tmp_path):
     with pytest.raises(ValueError, match="asks for posix.system"):
         fastclip.load(str(path), device="cpu")
     assert not (tmp_path / "pwned").exists()
+
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\n"
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch):
+    """A ``gs`` first on PATH that records that it ran."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    marker = tmp_path / "gs-ran"
+    gs = folder / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return marker
+
+
+def test_postscript_would_start_ghostscript_in_plain_pil(tmp_path, fake_ghostscript):
+    (tmp_path / "photo.jpg").write_bytes(POSTSCRIPT)
+    run_python(tmp_path, textwrap.dedent(f"""
+        from PIL import Image
+        try:
+            Image.open({str(tmp_path / "photo.jpg")!r}).load()
+        except Exception:
+            pass
+    """))
+    assert fake_ghostscript.exists()  # the attack is real: PIL ran the gs it found
+
+
+def test_postscript_named_jpg_is_a_failure_and_starts_no_program(tmp_path, fake_ghostscript):
+    from embed_helpers import image_bytes, read_failures
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "photo.jpg").write_bytes(POSTSCRIPT)
+    (images / "good.jpg").write_bytes(image_bytes(0))
+    summary = embed(str(tmp_path / "out"), images=[str(images)], model="random:tiny",
+                    num_workers=0, progress=False)
+    assert summary["rows"] == 1 and summary["failures"] == 1
+    reason = read_failures(tmp_path / "out")[str(images / "photo.jpg")]
+    assert "looks like PostScript" in reason and "allowed: JPEG" in reason
+    assert not fake_ghostscript.exists()
+
+
+@pytest.mark.parametrize("data, named", [(b"%PDF-1.7\n...", "PDF"), (b"8BPS\x00\x01", "PSD"),
+                                         (b"\x00\x00\x00\x1cftypheic\x00\x00", "HEIC")])
+def test_refused_formats_name_what_they_look_like(data, named):
+    from fastclip.images import InputError, decode_image
+    with pytest.raises(InputError, match=named):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_allowed_format_decodes(format):
+    from fastclip.images import decode_image
+
+    from embed_helpers import image_bytes
+    assert decode_image(image_bytes(0, size=(30, 20), format=format)).size == (30, 20)

@@ -46,7 +46,7 @@ def device_decodable(data, max_pixels):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:  # the header only
                 width, height = image.size
                 mode = image.mode
     except Exception:  # the PIL path records why it is unreadable
