@@ -168,3 +168,38 @@ def test_every_allowed_format_decodes(format):
 
     from embed_helpers import image_bytes
     assert decode_image(image_bytes(0, size=(30, 20), format=format)).size == (30, 20)
+
+
+@pytest.mark.parametrize("name", ["*", "emb?", "emb[1]"])
+def test_output_folders_with_glob_characters_touch_nothing_outside(tmp_path, name):
+    from embed_helpers import write_images
+
+    images = tmp_path / "images"
+    write_images(images, 3, nested=False)
+    run = dict(images=[str(images)], model="random:tiny", num_workers=0, progress=False,
+               shard_size=1)
+    embed(str(tmp_path / "emb1"), **run)  # another job, whose folder the pattern would match
+    bystander = tmp_path / "emb1" / "notes.tmp-1"  # named like a temporary file
+    bystander.write_text("keep me")
+    before = sorted(os.listdir(tmp_path / "emb1" / ".fastclip"))
+    summary = embed(str(tmp_path / name), **run)
+    assert summary["inputs"] == 3 and summary["manifest"] is not None
+    assert bystander.read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / "emb1" / ".fastclip")) == before
+    assert len(os.listdir(tmp_path / name / "img_emb")) == 3
+
+
+def test_an_existing_input_path_is_itself_whatever_its_characters(tmp_path):
+    from fastclip.embed.plan import expand_source
+
+    from embed_helpers import write_images
+    folder = tmp_path / "photos[1]"
+    write_images(folder, 2, nested=False)
+    assert expand_source(str(folder)) == [str(folder)]
+    braces = tmp_path / "{a,b}"
+    braces.mkdir()
+    assert expand_source(str(braces)) == [str(braces)]
+    assert len(expand_source(str(folder / "*.jpg"))) == 1  # a pattern inside it still globs
+    summary = embed(str(tmp_path / "out"), images=[str(folder)], model="random:tiny",
+                    num_workers=0, progress=False)
+    assert summary["rows"] == 2

@@ -88,20 +88,37 @@ def expand_braces(pattern):
 
 def expand_source(source):
     """The sorted paths one command-line source names (brace patterns, then globs).
-    A pattern that matches nothing is an error, so a typo never silently embeds nothing."""
+    A path that exists is always itself, whatever characters it holds (a folder named
+    ``photos[1]`` or ``{a,b}``). A pattern that matches nothing is an error, so a typo never
+    silently embeds nothing."""
+    source = str(source)
+    if os.path.exists(source):
+        return [source]
     paths = []
-    for pattern in expand_braces(str(source)):
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
+    for pattern in expand_braces(source):
+        if os.path.exists(pattern):
+            paths.append(pattern)
+        elif glob.has_magic(pattern):
+            matches = sorted(glob.glob(_escape_existing_folders(pattern), recursive=True))
             if not matches:
                 raise FileNotFoundError(f"The input pattern {pattern!r} matches no file; "
                                         "check the path.")
             paths.extend(matches)
-        elif os.path.exists(pattern):
-            paths.append(pattern)
         else:
             raise FileNotFoundError(f"The input {pattern!r} does not exist; check the path.")
     return paths
+
+
+def _escape_existing_folders(pattern):
+    """``pattern`` with its leading folders that exist taken literally: in
+    ``photos[1]/*.jpg`` the folder ``photos[1]`` is that folder, not a character class."""
+    parts = pattern.split(os.sep)
+    existing = 0
+    while existing < len(parts) - 1 and os.path.isdir(os.sep.join(parts[:existing + 1]) or os.sep):
+        existing += 1
+    if existing == 0:
+        return pattern
+    return os.sep.join([glob.escape(os.sep.join(parts[:existing]))] + parts[existing:])
 
 
 def list_image_folder(folder):
