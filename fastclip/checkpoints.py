@@ -60,6 +60,16 @@ def _bundled_path(name):
     return path
 
 
+def model_sha256(name):
+    """The SHA256 of the weights a model name or path stands for: the published one for
+    OpenAI's models (their files are checked against it), the file's own for paths and the
+    bundled models, None for ``random:`` models (their weights follow from the name)."""
+    if name in _MODELS:
+        return _MODELS[name].split("/")[-2]
+    path = _bundled_path(name) if name in _BUNDLED else name
+    return _sha256(path) if os.path.isfile(path) else None
+
+
 def _sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -421,6 +421,20 @@ def infer_config(state_dict):
 _NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
+def check_finite(state_dict):
+    """Raise a ValueError naming the first floating-point tensor that holds NaN or infinite
+    values: such weights give NaN embeddings for every input."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad = tensor.numel() - int(finite.sum())
+                raise ValueError(
+                    f"The checkpoint's {name} holds {bad} NaN or infinite values (of "
+                    f"{tensor.numel()}): its weights are corrupt or come from a diverged run; "
+                    "use another checkpoint.")
+
+
 def build_model(state_dict, quick_gelu=True, vision_heads=None, transformer_heads=None,
                 dtype=None):
     """Build a CLIP whose architecture is inferred from ``state_dict`` and load it.
@@ -441,6 +455,7 @@ def build_model(state_dict, quick_gelu=True, vision_heads=None, transformer_head
     except KeyError as missing:
         raise ValueError(
             f"This state dict is not a CLIP checkpoint: it has no {missing} entry.") from None
+    check_finite(state_dict)
     if transformer_heads:
         config["transformer_heads"] = transformer_heads
     model = CLIP(**config, quick_gelu=quick_gelu, vision_heads=vision_heads)

@@ -203,3 +203,29 @@ def test_an_existing_input_path_is_itself_whatever_its_characters(tmp_path):
     summary = embed(str(tmp_path / "out"), images=[str(folder)], model="random:tiny",
                     num_workers=0, progress=False)
     assert summary["rows"] == 2
+
+
+def test_resume_refuses_a_checkpoint_whose_weights_changed(tmp_path):
+    from embed_helpers import write_images
+
+    images = tmp_path / "images"
+    write_images(images, 4, nested=False)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(small_clip(seed=1).state_dict(), checkpoint)
+    run = dict(images=[str(images)], model=str(checkpoint), num_workers=0, progress=False,
+               shard_size=2)
+    embed(str(tmp_path / "out"), **run)
+    embed(str(tmp_path / "out"), resume=True, **run)  # the same weights: nothing to redo
+    torch.save(small_clip(seed=2).state_dict(), checkpoint)  # same path, other weights
+    with pytest.raises(ValueError, match="are not those the job .* began with"):
+        embed(str(tmp_path / "out"), resume=True, **run)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checkpoints_with_non_finite_weights_are_refused_by_name(tmp_path, bad):
+    state = small_clip().state_dict()
+    state["transformer.resblocks.1.mlp.c_fc.weight"][3, 5] = bad
+    path = tmp_path / "diverged.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"transformer.resblocks.1.mlp.c_fc.weight holds 1 NaN"):
+        fastclip.load(str(path), device="cpu")

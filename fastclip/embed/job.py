@@ -73,12 +73,12 @@ class EmbedJob:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}.")
 
-    def record(self, model):
+    def record(self, model, model_sha256=None):
         """The job as the plan and the manifest record it, with what ``model`` resolved
-        (its backend and dtype): the settings a resumption is checked against, and what a
-        reader of the folder needs to know of its rows."""
+        (its backend and dtype) and the SHA256 of its weights: the settings a resumption is
+        checked against, and what a reader of the folder needs to know of its rows."""
         recorded = self.resume_settings()
-        recorded.update(
+        recorded.update(model_sha256=model_sha256,
             model=os.path.abspath(self.model) if os.path.isfile(self.model) else self.model,
             backend=model.backend, model_dtype=str(model.dtype).removeprefix("torch."),
             image_keys=list(self.image_keys), max_pixels=int(self.max_pixels),
@@ -93,7 +93,8 @@ class EmbedJob:
 
     @classmethod
     def resume_names(cls):
-        """The recorded names of the fields a resumed job must share."""
+        """The recorded names of what a resumed job must share: the marked fields, and the
+        SHA256 of the model's weights (the same path may hold other weights by then)."""
         return tuple(field.metadata["recorded_as"] or field.name
                      for field in dataclasses.fields(cls)
-                     if field.metadata.get("same_on_resume"))
+                     if field.metadata.get("same_on_resume")) + ("model_sha256",)

@@ -183,6 +183,12 @@ def _check_same_job(folder, plan, job):
             f"--resume: the inputs or --shard-size differ from those of the job in "
             f"{folder.root}; resume with the same inputs and options, or use a new folder.")
     for setting in EmbedJob.resume_names():
+        if setting == "model_sha256" and recorded["job"].get(setting) != job[setting]:
+            raise ValueError(
+                f"--resume: the weights of {job['model']} are not those the job in "
+                f"{folder.root} began with (SHA256 {recorded['job'].get(setting)}, now "
+                f"{job[setting]}); one folder must hold one model's rows. Restore the "
+                "checkpoint, or start a new folder.")
         if recorded["job"].get(setting) != job[setting]:
             raise ValueError(
                 f"--resume: the job in {folder.root} was run with {setting}="

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..checkpoints import model_sha256
 from ..loading import default_device, load
 from ..model import unit_norm
 from . import device_decode
@@ -156,7 +157,7 @@ def run(job):
         device_decode.torchvision_decode_jpeg()  # fail now, not in the first batch
     model, preprocess = load(job.model, device=device, backend=job.backend,
                              dtype=MODEL_DTYPES.get(job.model_dtype))
-    record = job.record(model)
+    record = job.record(model, model_sha256(job.model))
     prepare_output(folder, plan, record, job.resume, ranks)
 
     done = folder.done_indices()
