@@ -229,3 +229,40 @@ def test_checkpoints_with_non_finite_weights_are_refused_by_name(tmp_path, bad):
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"transformer.resblocks.1.mlp.c_fc.weight holds 1 NaN"):
         fastclip.load(str(path), device="cpu")
+
+
+def test_a_kill_before_the_done_marker_leaves_no_stale_shard_after_resume(tmp_path, monkeypatch):
+    """Killed after chunk 0's embeddings and metadata are in place but before its marker;
+    by the resume, chunk 0's inputs have all gone bad: its old files must go."""
+    from embed_helpers import read_failures, write_images
+
+    from fastclip.embed.output import OutputFolder
+
+    images = tmp_path / "images"
+    paths = write_images(images, 2, nested=False)
+    run = dict(images=[str(images)], model="random:tiny", num_workers=0, progress=False,
+               shard_size=10, dtype="fp32")
+    commit = OutputFolder.commit_chunk
+
+    def killed_before_the_marker(self, index, *args):
+        monkeypatch.setattr("fastclip.embed.output.write_json", killed)
+        commit(self, index, *args)
+
+    def killed(path, value):
+        raise SystemExit("killed")  # the process dies here, after the shard's other files
+
+    monkeypatch.setattr(OutputFolder, "commit_chunk", killed_before_the_marker)
+    with pytest.raises(RuntimeError, match="Writing to .* failed: killed"):
+        embed(str(tmp_path / "out"), **run)
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert (out / "img_emb" / "img_emb_0.npy").exists()
+    assert not (out / ".fastclip" / "done_0.json").exists()
+    for path in paths:
+        with open(path, "wb") as f:
+            f.write(b"no longer an image")
+    summary = embed(str(out), resume=True, **run)
+    assert summary["rows"] == 0 and summary["failures"] == 2
+    assert not (out / "img_emb" / "img_emb_0.npy").exists()
+    assert not (out / "metadata" / "metadata_0.parquet").exists()
+    assert set(read_failures(out)) == set(paths)

@@ -85,7 +85,10 @@ class OutputFolder:
                 if n.startswith("done_") and n.endswith(".json") and n[5:-5].isdigit()}
 
     def commit_chunk(self, index, image, text, rows, failures, inputs, columns):
-        """Write shard ``index``: embeddings, metadata, failures, then the done marker."""
+        """Write shard ``index``: embeddings, metadata, failures, then the done marker. Files
+        of the shard that this attempt does not write (an earlier attempt's, killed before
+        its marker) are removed before the marker, so the marker always describes exactly
+        the shard's files."""
         files = []
         if rows:
             for kind, array in (("img_emb", image), ("text_emb", text)):
@@ -95,6 +98,10 @@ class OutputFolder:
             atomic_write(self.path("metadata", index),
                          lambda f: _write_metadata(f, rows, columns))
             files.append(self.path("metadata", index))
+        for kind in ("img_emb", "text_emb", "metadata"):
+            stale = self.path(kind, index)
+            if stale not in files and os.path.lexists(stale):
+                os.remove(stale)
         atomic_write(self.path("failures", index),
                      lambda f: f.write("".join(json.dumps(x) + "\n" for x in failures).encode()))
         write_json(self.path("done", index), {

@@ -44,7 +44,7 @@ class ShardWriter:
             if self.error is None:
                 try:
                     self._add(result)
-                except Exception as error:  # reported to the main thread by submit/close
+                except BaseException as error:  # reported to the main thread by submit/close
                     self.error = error
 
     def _add(self, result):
