@@ -13,13 +13,19 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def resize_shorter_side(image, size):
-    """Resize so that the shorter side is ``size``, keeping the aspect ratio, with PIL's
-    bicubic filter (torchvision's ``Resize(size)`` sizing rule)."""
-    width, height = image.size
+def resized_size(width, height, size):
+    """``(width, height)`` once the shorter side is ``size`` and the aspect ratio kept
+    (torchvision's ``Resize(size)`` sizing rule)."""
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = size, int(size * long / short)
-    new_size = (new_short, new_long) if width <= height else (new_long, new_short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def resize_shorter_side(image, size):
+    """Resize so that the shorter side is ``size``, keeping the aspect ratio, with PIL's
+    bicubic filter."""
+    width, height = image.size
+    new_size = resized_size(width, height, size)
     if new_size == (width, height):
         return image
     return image.resize(new_size, Image.BICUBIC)

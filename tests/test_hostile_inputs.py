@@ -234,9 +234,9 @@ def test_checkpoints_with_non_finite_weights_are_refused_by_name(tmp_path, bad):
 def test_a_kill_before_the_done_marker_leaves_no_stale_shard_after_resume(tmp_path, monkeypatch):
     """Killed after chunk 0's embeddings and metadata are in place but before its marker;
     by the resume, chunk 0's inputs have all gone bad: its old files must go."""
-    from embed_helpers import read_failures, write_images
-
     from fastclip.embed.output import OutputFolder
+
+    from embed_helpers import read_failures, write_images
 
     images = tmp_path / "images"
     paths = write_images(images, 2, nested=False)
@@ -266,3 +266,26 @@ def test_a_kill_before_the_done_marker_leaves_no_stale_shard_after_resume(tmp_pa
     assert not (out / "img_emb" / "img_emb_0.npy").exists()
     assert not (out / "metadata" / "metadata_0.parquet").exists()
     assert set(read_failures(out)) == set(paths)
+
+
+def test_an_extreme_aspect_ratio_is_a_failure_and_the_job_completes(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from embed_helpers import image_bytes, read_failures
+
+    images = tmp_path / "images"
+    images.mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 400_000), np.uint8), "L").save(buffer, "PNG")
+    assert len(buffer.getvalue()) < 4000  # a tiny file, well under the pixel limit as it is
+    (images / "strip.png").write_bytes(buffer.getvalue())
+    (images / "good.jpg").write_bytes(image_bytes(0))
+    for workers in (0, 1):
+        out = tmp_path / f"out{workers}"
+        summary = embed(str(out), images=[str(images)], model="random:tiny",
+                        num_workers=workers, progress=False)
+        assert summary["rows"] == 1 and summary["manifest"] is not None
+        assert "aspect ratio too extreme: 400000x1" in read_failures(out)[str(images / "strip.png")]

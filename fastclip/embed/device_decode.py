@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import InputError, decode_image
-from ..transform import normalize
+from ..transform import normalize, resized_size
 
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
@@ -61,9 +61,7 @@ def resize_crop(image, n_px):
     [0, 255]: the shorter side resized to ``n_px`` (bicubic, antialiased, rounded to whole
     grey levels as PIL's output is), then the central square (``transform``'s rounding)."""
     _, height, width = image.shape
-    short, long = min(width, height), max(width, height)
-    new_long = int(n_px * long / short)
-    new_height, new_width = (new_long, n_px) if width <= height else (n_px, new_long)
+    new_width, new_height = resized_size(width, height, n_px)
     pixels = image.float()
     if (new_height, new_width) != (height, width):
         pixels = F.interpolate(pixels[None], size=(new_height, new_width), mode="bicubic",

@@ -27,6 +27,7 @@ from ..images import DEFAULT_MAX_PIXELS, InputError, decode_image, read_image
 from ..loading import load
 from ..model import unit_norm
 from ..tokenizer import tokenize
+from .reader import preprocess_bounded
 
 
 class ClipEmbedder:
@@ -77,7 +78,7 @@ class ClipEmbedder:
         else:
             raise InputError(f"cannot read an image from a {type(value).__name__}; "
                                     "give bytes, a path, or an (H, W, C) uint8 array")
-        return self.preprocess(image)
+        return preprocess_bounded(self.preprocess, image, self.max_pixels)
 
     def _text(self, value):
         if not isinstance(value, str):

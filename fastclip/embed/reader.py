@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, InputError, decode_image, read_file
 from ..tokenizer import tokenize
+from ..transform import resized_size
 from . import device_decode
 from .job import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEYS
 
@@ -77,6 +78,22 @@ def sample_caption(fields, caption_key=DEFAULT_CAPTION_KEY):
     if value is None or isinstance(value, InputError):
         return None
     return value.decode("utf-8", errors="replace").strip()
+
+
+def preprocess_bounded(preprocess, image, max_pixels):
+    """``preprocess(image)``, refused when the resize alone would exceed ``max_pixels``: an
+    extreme aspect ratio (1 x 400,000 pixels) passes the limit as it is, but not once its
+    shorter side is resized to the model's size; a MemoryError is this input's failure."""
+    width, height = image.size
+    new_width, new_height = resized_size(width, height, preprocess.n_px)
+    if new_width * new_height > max_pixels:
+        raise InputError(f"aspect ratio too extreme: {width}x{height} would be resized to "
+                         f"{new_width}x{new_height} = {new_width * new_height} pixels, more "
+                         f"than the limit of {max_pixels}")
+    try:
+        return preprocess(image)
+    except MemoryError:
+        raise InputError(f"out of memory preprocessing a {width}x{height} image") from None
 
 
 class EmbedDataset(IterableDataset):
@@ -174,10 +191,13 @@ class EmbedDataset(IterableDataset):
                     # JPEG bytes, decoded later on the model's device (device_decode.py).
                     image = device_decode.device_decodable(data, self.max_pixels)
                 if image is None:
-                    image = self.preprocess(decode_image(data, self.max_pixels))
+                    image = preprocess_bounded(self.preprocess, decode_image(data, self.max_pixels),
+                                               self.max_pixels)
         except InputError as error:
             return row, None, str(error)
         return row, image, None
+
+
 
     def _batch(self, chunk, piece, rows, images, failures, inputs, last):
         jpegs = []
