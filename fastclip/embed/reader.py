@@ -10,6 +10,7 @@ Every way an input can be bad raises ``InputError`` (``fastclip.images``), recor
 input's failure; a tar shard cut short keeps the complete samples before the damage.
 """
 
+import os
 import tarfile
 from functools import partial
 
@@ -31,13 +32,46 @@ def _split_key(member_name):
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def iter_webdataset(path, max_bytes=DEFAULT_MAX_BYTES):
+# A tar's extended headers (GNU long names, pax records) are read whole by tarfile: bounded.
+MAX_HEADER_BYTES = 1 << 16
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's member header, refusing extended headers over ``MAX_HEADER_BYTES`` (a
+    600 MB "long name" would be read into memory, then into failure records)."""
+
+    def _proc_gnulong(self, archive):
+        self._check_header_size()
+        return super()._proc_gnulong(archive)
+
+    def _proc_pax(self, archive):
+        self._check_header_size()
+        return super()._proc_pax(archive)
+
+    def _check_header_size(self):
+        if self.size > MAX_HEADER_BYTES:
+            raise tarfile.HeaderError(f"an extended header of {self.size} bytes (more than "
+                                      f"{MAX_HEADER_BYTES})")
+
+
+def iter_webdataset(path, max_bytes=DEFAULT_MAX_BYTES, wanted=None):
     """Yield ``(key, {extension: bytes})`` for the samples of a WebDataset tar shard, in
-    order. A shard that ends early or is corrupt raises :class:`InputError` after the
-    complete samples before the damage; the damaged sample is never yielded."""
-    key, fields = None, {}
+    order. Only the extensions in ``wanted`` (all when None) are read; the others are listed
+    with the value None. A shard that ends early or is corrupt raises :class:`InputError`
+    after the complete samples before the damage; the damaged sample is never yielded.
+
+    What one shard may cost is bounded: a member is read only up to ``max_bytes``, and so is
+    one sample in all; a member that claims more than an uncompressed shard holds (a lying
+    header) ends the shard at once, and in a compressed shard, where the claim cannot be
+    checked without decompressing it, any member over ``max_bytes`` does.
+    """
+    key, fields, sample_bytes = None, {}, 0
     try:
-        with tarfile.open(path, mode="r|*") as archive:
+        shard_size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            compressed = f.read(6).startswith(_COMPRESSED)
+        with tarfile.open(path, mode="r|*", tarinfo=_BoundedTarInfo) as archive:
             for member in archive:
                 if not member.isfile():
                     continue
@@ -45,17 +79,29 @@ def iter_webdataset(path, max_bytes=DEFAULT_MAX_BYTES):
                 if member_key != key:
                     if key is not None:
                         yield key, fields
-                    key, fields = member_key, {}
-                if member.size > max_bytes:
+                    key, fields, sample_bytes = member_key, {}, 0
+                if not compressed and member.offset_data + member.size > shard_size:
+                    raise tarfile.HeaderError(
+                        f"member {member.name[:200]!r} claims {member.size} bytes, more than "
+                        f"the {shard_size}-byte shard holds")
+                if compressed and member.size > max_bytes:
+                    raise tarfile.HeaderError(
+                        f"member {member.name[:200]!r} claims {member.size} bytes, more than "
+                        f"the {max_bytes}-byte limit (in a compressed shard the claim cannot "
+                        "be checked without decompressing it)")
+                if wanted is not None and extension not in wanted:
+                    fields[extension] = None
+                elif member.size > max_bytes or sample_bytes + member.size > max_bytes:
                     fields[extension] = InputError(
-                        f"tar member {member.name} of {member.size} bytes is larger than the "
-                        f"{max_bytes}-byte limit")
-                    continue
-                fields[extension] = archive.extractfile(member).read()
+                        f"tar member {member.name[:200]} of {member.size} bytes takes its "
+                        f"sample past the {max_bytes}-byte limit")
+                else:
+                    fields[extension] = archive.extractfile(member).read()
+                    sample_bytes += member.size
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise InputError(f"tar shard cut short or corrupt at sample {key!r} (it and any "
-                         f"later samples are not embedded): {type(error).__name__}: {error}"
-                         ) from None
+        raise InputError(f"tar shard cut short or corrupt at sample {str(key)[:200]!r} (it and "
+                         f"any later samples are not embedded): {type(error).__name__}: "
+                         f"{error}") from None
     if key is not None:
         yield key, fields
 
@@ -172,7 +218,14 @@ class EmbedDataset(IterableDataset):
     def _samples(self, chunk):
         """``(row, image tensor, failure reason)`` for each sample of a tar shard."""
         try:
-            for key, fields in iter_webdataset(chunk.tar_path, self.max_bytes):
+            wanted = {*self.image_keys, self.caption_key}
+            seen = set()
+            for key, fields in iter_webdataset(chunk.tar_path, self.max_bytes, wanted):
+                if key in seen:
+                    yield ({"key": f"{chunk.tar_path}:{key}"}, None,
+                           "duplicate key: an earlier sample of this shard has the same key")
+                    continue
+                seen.add(key)
                 yield self._sample(f"{chunk.tar_path}:{key}", None,
                                    sample_caption(fields, self.caption_key),
                                    partial(sample_image, fields, self.image_keys))
