@@ -9,6 +9,7 @@ size-checked before they are read.
 
 import io
 import os
+import threading
 import warnings
 
 # The plugins of ALLOWED_FORMATS are imported, so that PIL registers them (and only them).
@@ -52,10 +53,34 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES)
     return decode_image(read_file(path, max_bytes), max_pixels)
 
 
-def read_file(path, max_bytes=DEFAULT_MAX_BYTES):
-    """The bytes of the file at ``path``."""
+def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None):
+    """The bytes of the file at ``path``. With ``timeout`` (seconds), a read that has not
+    finished by then (a stalled network or FUSE mount) is this input's failure; the read is
+    left to finish or block on a thread of its own, and the caller moves on."""
     if path is None:
         raise InputError("no image path (an empty cell in the table)")
+    if timeout is None:
+        return _read_file(path, max_bytes)
+    outcome = []
+
+    def read():
+        try:
+            outcome.append((True, _read_file(path, max_bytes)))
+        except BaseException as error:  # handed to the caller's thread below
+            outcome.append((False, error))
+
+    reader = threading.Thread(target=read, name="fastclip-read", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not outcome:
+        raise InputError(f"the read did not finish within {timeout:g} s (a stalled mount?)")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _read_file(path, max_bytes):
     try:
         if not os.path.isfile(path) and os.path.exists(path):
             # A folder, a FIFO or a device named like an image: reading it could block.

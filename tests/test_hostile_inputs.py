@@ -386,3 +386,70 @@ def test_a_repeated_tar_key_is_a_failure_not_a_second_row(tmp_path):
                     num_workers=0, progress=False)
     assert summary["rows"] == 2 and summary["failures"] == 1
     assert "duplicate key" in read_failures(tmp_path / "out")[f"{path}:a"]
+
+
+def test_unreadable_folders_are_failures_not_gaps(tmp_path, monkeypatch):
+    from embed_helpers import read_failures, write_images
+
+    images = tmp_path / "images"
+    write_images(images, 4)  # in images/part0 and images/part1
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.basename(os.fspath(path)) == "part1":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # as root, chmod cannot make one unreadable
+    summary = embed(str(tmp_path / "out"), images=[str(images)], model="random:tiny",
+                    num_workers=0, progress=False)
+    assert summary["rows"] == 2 and summary["failures"] == 1
+    assert "folder not listed: PermissionError" in read_failures(tmp_path / "out")[
+        str(images / "part1")]
+    alone = embed(str(tmp_path / "out2"), images=[str(images / "part1")], model="random:tiny",
+                  num_workers=0, progress=False)
+    assert alone["failures"] == 1 and alone["rows"] == 0  # not an empty "complete" job
+
+
+def test_a_path_listed_twice_is_embedded_once_and_the_repeat_reported(tmp_path):
+    from embed_helpers import read_failures, write_images
+
+    paths = write_images(tmp_path / "images", 2, nested=False)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([paths[0], paths[1], paths[0]]) + "\n")
+    summary = embed(str(tmp_path / "out"), images=[str(listing)], model="random:tiny",
+                    num_workers=0, progress=False)
+    assert summary["rows"] == 2 and summary["failures"] == 1
+    assert "duplicate key: the same input as input 1" in read_failures(tmp_path / "out")[paths[0]]
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from fastclip.embed.plan import read_column
+    path = tmp_path / "table.csv"
+    path.write_bytes("caption,image_path\na cat,cat.jpg\n".encode("utf-8-sig"))
+    assert read_column(str(path), "caption") == ["a cat"]
+
+
+def test_a_read_that_never_returns_is_a_failure_and_the_job_moves_on(tmp_path, monkeypatch):
+    import threading
+
+    from fastclip import images as images_module
+
+    from embed_helpers import read_failures, write_images
+    paths = write_images(tmp_path / "images", 3, nested=False)
+    stalled = threading.Event()
+    real_read = images_module._read_file
+
+    def read(path, max_bytes):
+        if path == paths[1]:
+            stalled.wait()  # a stalled mount: this read blocks until the test ends
+        return real_read(path, max_bytes)
+
+    monkeypatch.setattr(images_module, "_read_file", read)
+    try:
+        summary = embed(str(tmp_path / "out"), images=[str(tmp_path / "images")],
+                        model="random:tiny", num_workers=0, progress=False, read_timeout=0.5)
+    finally:
+        stalled.set()
+    assert summary["rows"] == 2 and summary["manifest"] is not None
+    assert "did not finish within 0.5 s" in read_failures(tmp_path / "out")[paths[1]]

@@ -35,9 +35,16 @@ def add_arguments(parser):
                         help="WebDataset caption extension (default: %(default)s)")
     inputs.add_argument("--limit", type=int, default=None,
                         help="embed only the first N inputs (file and table sources)")
+    inputs.add_argument("--max-bytes", type=int, default=DEFAULTS.max_bytes,
+                        help="a larger file, tar member or WebDataset sample is a failure "
+                             "(default: %(default)s, 256 MiB)")
+    inputs.add_argument("--read-timeout", type=float, default=DEFAULTS.read_timeout,
+                        help="seconds one file's read may take before it is a failure (a "
+                             "stalled mount; default: %(default)s)")
     inputs.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="images with more pixels are recorded as decompression bombs "
-                             "(default: PIL's limit, %(default)s)")
+                        help="images with more pixels, as they are (decompression bombs) or "
+                             "once resized for the model (extreme aspect ratios), are "
+                             "failures (default: PIL's limit, %(default)s)")
 
     output = parser.add_argument_group("output")
     output.add_argument("-o", "--output", required=True, help="the output folder")

@@ -8,13 +8,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..images import DEFAULT_MAX_PIXELS
+from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..version import __version__
 
 OUTPUT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 MODEL_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_CAPTION_KEY = "txt"
+DEFAULT_READ_TIMEOUT = 60.0
 
 
 def _same_on_resume(default, recorded_as=None):
@@ -41,6 +42,7 @@ class EmbedJob:
     image_keys: Tuple[str, ...] = _same_on_resume(DEFAULT_IMAGE_KEYS)
     caption_key: str = _same_on_resume(DEFAULT_CAPTION_KEY)
     max_pixels: int = _same_on_resume(DEFAULT_MAX_PIXELS)
+    max_bytes: int = _same_on_resume(DEFAULT_MAX_BYTES)  # of one file, tar member or sample
     model: str = _same_on_resume("ViT-B/32")
     model_dtype: Optional[str] = _same_on_resume(None)  # fp16 on CUDA, fp32 elsewhere
     backend: str = _same_on_resume("auto")
@@ -49,6 +51,7 @@ class EmbedJob:
     normalize: bool = _same_on_resume(True, recorded_as="normalized")
     # How it runs: free to change between a job and its resumption.
     resume: bool = False
+    read_timeout: Optional[float] = DEFAULT_READ_TIMEOUT  # seconds one file's read may take
     batch_size: int = 256
     num_workers: Optional[int] = None
     device: Optional[str] = None
@@ -70,6 +73,10 @@ class EmbedJob:
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"num_workers must be 0 (decode in this process) or more, "
                              f"got {self.num_workers}.")
+        if self.max_bytes < 1 or self.max_pixels < 1:
+            raise ValueError("max_bytes and max_pixels must be at least 1.")
+        if self.read_timeout is not None and self.read_timeout <= 0:
+            raise ValueError(f"read_timeout must be positive (seconds), got {self.read_timeout}.")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}.")
 
@@ -82,6 +89,7 @@ class EmbedJob:
             model=os.path.abspath(self.model) if os.path.isfile(self.model) else self.model,
             backend=model.backend, model_dtype=str(model.dtype).removeprefix("torch."),
             image_keys=list(self.image_keys), max_pixels=int(self.max_pixels),
+            max_bytes=int(self.max_bytes),
             embed_dim=model.text_projection.shape[1], images=list(self.images),
             texts=list(self.texts), shard_size=self.shard_size, fastclip_version=__version__)
         return recorded

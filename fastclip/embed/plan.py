@@ -13,6 +13,7 @@ and a resumed run (with any number of ranks) redoes exactly the chunks that are 
 """
 
 import csv
+import dataclasses
 import glob
 import hashlib
 import json
@@ -32,6 +33,7 @@ class Item:
     key: str
     image_path: str = None
     text: str = None
+    error: str = None  # why this input is a failure before it is read (a listing's gap)
 
 
 @dataclass(frozen=True)
@@ -121,16 +123,23 @@ def _escape_existing_folders(pattern):
     return os.sep.join([glob.escape(os.sep.join(parts[:existing]))] + parts[existing:])
 
 
-def list_image_folder(folder):
-    """Image files under ``folder`` (recursive), by extension, in sorted order. Other files
-    (captions, json sidecars) are not inputs; a file with an image extension that is not
-    an image is an input, and becomes a recorded failure."""
+def folder_items(folder):
+    """The items of the image files under ``folder`` (recursive), by extension, in sorted
+    order. Other files (captions, json sidecars) are not inputs; a file with an image
+    extension that is not an image is an input, and becomes a recorded failure, and so does
+    a folder that cannot be listed (the folder itself included)."""
     found = []
-    for root, dirs, files in os.walk(folder):
+
+    def unreadable(error):
+        path = error.filename or folder
+        found.append(Item(key=path, image_path=path, error=(
+            f"folder not listed: {type(error).__name__}: {error.strerror or error}")))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(root, name))
+        found.extend(Item(key=path, image_path=path)
+                     for path in (os.path.join(root, name) for name in sorted(files)
+                                  if name.lower().endswith(IMAGE_EXTENSIONS)))
     return found
 
 
@@ -163,7 +172,8 @@ def _read_column(path, column):
                              "Choose one with --image-column / --text-column.")
         values = pq.read_table(path, columns=[column]).column(column).to_pylist()
     else:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a CSV saved with a byte-order mark (as spreadsheets do) reads the same.
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if column not in (reader.fieldnames or []):
                 raise ValueError(f"{path} has no column {column!r}; its columns are "
@@ -188,7 +198,7 @@ def image_items(source, image_column, caption_column):
     items, tars = [], []
     for path in expand_source(source):
         if os.path.isdir(path):
-            items.extend(Item(key=p, image_path=p) for p in list_image_folder(path))
+            items.extend(folder_items(path))
         elif path.endswith(".tar"):
             tars.append(path)
         elif path.endswith(".txt"):
@@ -256,6 +266,7 @@ def plan_job(images=(), texts=(), shard_size=100_000, image_column="image_path",
                              "shards, select fewer shards with a brace range instead.")
         items = items[:limit]
 
+    items = _mark_duplicates(items)
     chunks = [Chunk(index=i, items=tuple(items[start:start + shard_size]))
               for i, start in enumerate(range(0, len(items), shard_size))]
     chunks += [Chunk(index=len(chunks) + i, tar_path=path) for i, path in enumerate(tars)]
@@ -265,6 +276,20 @@ def plan_job(images=(), texts=(), shard_size=100_000, image_column="image_path",
                 metadata_columns=columns)
     plan.fingerprint = fingerprint(plan)
     return plan
+
+
+def _mark_duplicates(items):
+    """Items whose key an earlier item has become failures: a path listed twice is embedded
+    once, and the repeat is reported rather than silently given a second row."""
+    first = {}
+    marked = []
+    for position, item in enumerate(items):
+        if item.key in first and item.error is None:
+            item = dataclasses.replace(item, error=(
+                f"duplicate key: the same input as input {first[item.key] + 1} of the job"))
+        first.setdefault(item.key, position)
+        marked.append(item)
+    return marked
 
 
 def _pair(image_list, tars, text_list):

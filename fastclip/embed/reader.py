@@ -149,7 +149,7 @@ class EmbedDataset(IterableDataset):
     def __init__(self, chunks, preprocess, batch_size, embed_images, embed_texts,
                  context_length=77, max_pixels=DEFAULT_MAX_PIXELS,
                  max_bytes=DEFAULT_MAX_BYTES, image_keys=DEFAULT_IMAGE_KEYS,
-                 caption_key=DEFAULT_CAPTION_KEY, device_decode=False):
+                 caption_key=DEFAULT_CAPTION_KEY, device_decode=False, read_timeout=None):
         self.chunks = chunks
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -161,6 +161,7 @@ class EmbedDataset(IterableDataset):
         self.image_keys = tuple(image_keys)
         self.caption_key = caption_key
         self.device_decode = device_decode
+        self.read_timeout = read_timeout
 
     def units(self):
         """The work of the job as ``(chunk, start, stop)`` units, dealt to the workers in
@@ -212,8 +213,13 @@ class EmbedDataset(IterableDataset):
 
     def _listed_samples(self, items):
         for item in items:
+            if item.error is not None:
+                yield ({"key": item.key, "image_path": item.image_path, "caption": item.text},
+                       None, item.error)
+                continue
             yield self._sample(item.key, item.image_path, item.text,
-                               partial(read_file, item.image_path, self.max_bytes))
+                               partial(read_file, item.image_path, self.max_bytes,
+                                       self.read_timeout))
 
     def _samples(self, chunk):
         """``(row, image tensor, failure reason)`` for each sample of a tar shard."""

@@ -165,8 +165,9 @@ def run(job):
               if c.index not in done]
     dataset = EmbedDataset(chunks, preprocess, job.batch_size, plan.embed_images,
                            plan.embed_texts, model.context_length, max_pixels=job.max_pixels,
-                           image_keys=job.image_keys, caption_key=job.caption_key,
-                           device_decode=job.gpu_decode)
+                           max_bytes=job.max_bytes, image_keys=job.image_keys,
+                           caption_key=job.caption_key, device_decode=job.gpu_decode,
+                           read_timeout=job.read_timeout)
     num_workers = job.num_workers
     if num_workers is None:
         num_workers = default_num_workers(device, ranks)
