@@ -1,5 +1,6 @@
 """Writing files so that no reader ever sees half of one."""
 
+import errno
 import os
 import uuid
 
@@ -34,3 +35,19 @@ def is_temporary(name):
     """Whether the file name ``name`` is one of :func:`atomic_write`'s temporary files (or of
     the ``name.tmp-PID`` files that earlier versions wrote)."""
     return TEMPORARY_TAG in name
+
+
+_CAUSES = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder", errno.ENOENT: "no such file or folder",
+}
+
+
+def describe_os_error(error, path=None):
+    """One line that names the path and the cause of an OSError: "cannot write
+    out/img_emb/img_emb_0.npy: no space left on the device"."""
+    cause = _CAUSES.get(getattr(error, "errno", None)) or error.strerror or str(error)
+    where = getattr(error, "filename", None) or path
+    return f"{where}: {cause}" if where else cause

@@ -453,3 +453,58 @@ def test_a_read_that_never_returns_is_a_failure_and_the_job_moves_on(tmp_path, m
         stalled.set()
     assert summary["rows"] == 2 and summary["manifest"] is not None
     assert "did not finish within 0.5 s" in read_failures(tmp_path / "out")[paths[1]]
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    from fastclip import cli
+
+    (tmp_path / "file").write_text("not a folder")
+    images = tmp_path / "images"
+    images.mkdir()
+    status = cli.main(["embed", "--images", str(images), "-o", str(tmp_path / "file"),
+                       "--model", str(tmp_path / "no-such-model.pt"), "--no-progress"])
+    assert status == 2
+    assert "is a file, not a folder" in capsys.readouterr().err  # not "model not found"
+    status = cli.main(["embed", "--images", str(images), "-o", str(tmp_path / "file" / "out"),
+                       "--model", str(tmp_path / "no-such-model.pt"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2 and "a part of the path is a file" in err and "Traceback" not in err
+
+
+def test_a_read_only_output_folder_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import tempfile
+
+    from fastclip import cli
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # as root, chmod would not do
+    images = tmp_path / "images"
+    images.mkdir()
+    status = cli.main(["embed", "--images", str(images), "-o", str(tmp_path / "out"),
+                       "--model", "random:tiny", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.count("\n") == 0
+    assert "Cannot write to the output folder" in err and "read-only" in err
+
+
+def test_a_full_disk_names_its_cause(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from fastclip import cli
+    from fastclip.embed import output
+
+    from embed_helpers import write_images
+
+    def full(f, array):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    write_images(tmp_path / "images", 2, nested=False)
+    monkeypatch.setattr(output.np, "save", full)
+    status = cli.main(["embed", "--images", str(tmp_path / "images"), "-o",
+                       str(tmp_path / "out"), "--model", "random:tiny", "--no-progress",
+                       "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert status == 2 and "no space left on the device" in err and "Traceback" not in err

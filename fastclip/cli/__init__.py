@@ -9,7 +9,11 @@ import importlib
 import os
 import sys
 
+from ..files import describe_os_error
 from ..version import __version__
+
+# OSErrors that fastclip raises with a message of its own (the others are described).
+_OWN_MESSAGES = (FileNotFoundError, FileExistsError, TimeoutError)
 
 SUBCOMMANDS = {
     "embed": ("fastclip.cli.embed",
@@ -40,12 +44,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, TimeoutError) as error:
-        # Errors about the user's inputs and options: the message says what to do, and a
-        # traceback would bury it. FASTCLIP_DEBUG=1 shows the traceback.
+    except (OSError, ValueError, RuntimeError, TimeoutError) as error:
+        # Errors about the user's inputs, options and files: the message says what to do,
+        # and a traceback would bury it. FASTCLIP_DEBUG=1 shows the traceback.
         if os.environ.get("FASTCLIP_DEBUG"):
             raise
-        print(f"fastclip {args.command}: error: {error}", file=sys.stderr)
+        message = error if type(error) in _OWN_MESSAGES or not isinstance(error, OSError) \
+            else describe_os_error(error)
+        print(f"fastclip {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -22,15 +22,20 @@ markers once every shard of the plan is done.
 
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
 
-from ..files import atomic_write, is_temporary
+from ..files import atomic_write, describe_os_error, is_temporary
 from .job import EmbedJob
 from .ranks import barrier, grouped, on_rank_zero
 
 STATE_DIR = ".fastclip"
+
+
+class OutputError(ValueError):
+    """The output folder cannot take the job's files; the message names the path and why."""
 
 
 def write_json(path, value):
@@ -171,7 +176,18 @@ def prepare_output(folder, plan, job, resume, ranks):
 
 
 def check_output_is_free(folder, resume):
-    """The output folder must be new or empty, or hold a job that ``resume`` completes."""
+    """The output folder must be a folder this process can create and write to, and new or
+    empty, or hold a job that ``resume`` completes. Checked before any model is loaded."""
+    if os.path.lexists(folder.root) and not os.path.isdir(folder.root):
+        raise FileExistsError(f"The output path {folder.root} is a file, not a folder; choose "
+                              "a folder (new or empty).")
+    try:
+        os.makedirs(folder.root, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder.root):  # no name, so nothing is left behind
+            pass
+    except OSError as error:
+        raise OutputError(f"Cannot write to the output folder {folder.root}: "
+                          f"{describe_os_error(error, folder.root)}.") from None
     if not os.path.exists(folder.plan_path):
         if os.path.isdir(folder.root) and os.listdir(folder.root):
             raise FileExistsError(

@@ -6,6 +6,8 @@ import threading
 
 import numpy as np
 
+from ..files import describe_os_error
+
 
 class ShardWriter:
     """Collects embedded batches per chunk and commits each chunk (``OutputFolder.
@@ -36,7 +38,9 @@ class ShardWriter:
 
     def _raise_if_failed(self):
         if self.error is not None:
-            raise RuntimeError(f"Writing to {self.folder.root} failed: {self.error}") \
+            cause = (describe_os_error(self.error) if isinstance(self.error, OSError)
+                     else str(self.error))
+            raise RuntimeError(f"Writing to {self.folder.root} failed: {cause}") \
                 from self.error
 
     def _run(self):
