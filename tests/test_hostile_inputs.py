@@ -508,3 +508,22 @@ def test_a_full_disk_names_its_cause(tmp_path, monkeypatch, capsys):
                        "--num-workers", "0"])
     err = capsys.readouterr().err
     assert status == 2 and "no space left on the device" in err and "Traceback" not in err
+
+
+def test_a_job_recorded_by_an_earlier_version_still_resumes(tmp_path):
+    import json
+
+    from embed_helpers import write_images
+
+    images = tmp_path / "images"
+    write_images(images, 4, nested=False)
+    run = dict(images=[str(images)], model="random:tiny", num_workers=0, progress=False,
+               shard_size=2)
+    embed(str(tmp_path / "out"), **run)
+    plan_path = tmp_path / "out" / ".fastclip" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    for newer in ("model_sha256", "max_bytes"):  # settings earlier versions did not record
+        del plan["job"][newer]
+    plan_path.write_text(json.dumps(plan))
+    (tmp_path / "out" / ".fastclip" / "done_1.json").unlink()
+    assert embed(str(tmp_path / "out"), resume=True, **run)["inputs"] == 2

@@ -206,6 +206,8 @@ def _check_same_job(folder, plan, job):
             f"--resume: the inputs or --shard-size differ from those of the job in "
             f"{folder.root}; resume with the same inputs and options, or use a new folder.")
     for setting in EmbedJob.resume_names():
+        if setting not in recorded["job"]:
+            continue  # a job begun by an earlier version is checked on what it recorded
         if setting == "model_sha256" and recorded["job"].get(setting) != job[setting]:
             raise ValueError(
                 f"--resume: the weights of {job['model']} are not those the job in "
