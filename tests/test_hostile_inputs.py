@@ -527,3 +527,83 @@ def test_a_job_recorded_by_an_earlier_version_still_resumes(tmp_path):
     plan_path.write_text(json.dumps(plan))
     (tmp_path / "out" / ".fastclip" / "done_1.json").unlink()
     assert embed(str(tmp_path / "out"), resume=True, **run)["inputs"] == 2
+
+
+def crafted_shard(path, headers):
+    """A shard: two good samples, then the raw ``headers`` (and 10 KB), then a good sample.
+    The sample just before damage may be incomplete, so only the first one is kept."""
+    import tarfile
+
+    from embed_helpers import image_bytes
+
+    def member(name):
+        data = image_bytes(0)
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        padding = b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+        return info.tobuf(format=tarfile.GNU_FORMAT) + data + padding
+
+    path.write_bytes(member("000.jpg") + member("001.jpg") + headers + b"\0" * 10_240
+                     + member("003.jpg")
+                     + b"\0" * 1024)
+    return path
+
+
+def long_name_chain(count):
+    import tarfile
+    return b"".join(tarfile.TarInfo._create_gnu_long_header("x" * 100, tarfile.GNUTYPE_LONGNAME,
+                                                            "utf-8", "strict")
+                    for _ in range(count))
+
+
+def unknown_type_member(claimed):
+    import tarfile
+    info = tarfile.TarInfo("002.jpg")
+    info.type = b"Z"
+    info.size = claimed
+    return info.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def sparse_map_member():
+    import tarfile
+    info = tarfile.TarInfo("002.jpg")
+    info.size = 10
+    info.pax_headers = {"GNU.sparse.map": "x,y", "GNU.sparse.size": "10"}
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param(lambda: unknown_type_member(1 << 60), id="unknown-type-claiming-an-exabyte"),
+    pytest.param(lambda: long_name_chain(1500), id="1500-chained-long-names"),
+    pytest.param(sparse_map_member, id="garbled-sparse-map"),
+])
+def test_crafted_tar_headers_end_the_shard_not_the_job(tmp_path, headers):
+    import time
+
+    from embed_helpers import read_failures
+
+    shard = crafted_shard(tmp_path / "shard.tar", headers())
+    start = time.perf_counter()
+    summary = embed(str(tmp_path / "out"), images=[str(shard)], model="random:tiny",
+                    num_workers=0, progress=False)
+    assert time.perf_counter() - start < 30
+    assert summary["manifest"] is not None and summary["rows"] >= 1
+    assert str(shard) in read_failures(tmp_path / "out")
+
+
+def test_a_member_repeated_inside_a_sample_fails_the_sample(tmp_path):
+    import io
+    import tarfile
+
+    from embed_helpers import image_bytes, read_failures
+    path = tmp_path / "repeat.tar"
+    with tarfile.open(path, "w") as archive:
+        for i in range(2):
+            data = image_bytes(i)
+            info = tarfile.TarInfo("000.jpg")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    summary = embed(str(tmp_path / "out"), images=[str(path)], model="random:tiny",
+                    num_workers=0, progress=False)
+    assert summary["rows"] == 0
+    assert "two members named 000.jpg" in read_failures(tmp_path / "out")[f"{path}:000"]

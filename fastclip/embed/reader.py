@@ -67,29 +67,38 @@ def iter_webdataset(path, max_bytes=DEFAULT_MAX_BYTES, wanted=None):
     checked without decompressing it, any member over ``max_bytes`` does.
     """
     key, fields, sample_bytes = None, {}, 0
+    at = None  # the sample being read, for the message of a damaged shard
     try:
         shard_size = os.path.getsize(path)
         with open(path, "rb") as f:
             compressed = f.read(6).startswith(_COMPRESSED)
         with tarfile.open(path, mode="r|*", tarinfo=_BoundedTarInfo) as archive:
             for member in archive:
+                member_key, extension = _split_key(member.name)
+                at = member_key
+                if member_key != key and key is not None:
+                    yield key, fields
+                    key = None
+                # What tarfile passes over for this member, whatever its type (a sparse or
+                # unknown member too), is where its next header starts.
+                claimed = archive.offset - member.offset_data
+                if not compressed and archive.offset > shard_size:
+                    raise tarfile.HeaderError(
+                        f"member {member.name[:200]!r} claims {claimed} bytes, more than the "
+                        f"{shard_size}-byte shard holds")
+                if compressed and claimed > max_bytes + tarfile.BLOCKSIZE:
+                    raise tarfile.HeaderError(
+                        f"member {member.name[:200]!r} claims {claimed} bytes, more than the "
+                        f"{max_bytes}-byte limit (in a compressed shard the claim cannot be "
+                        "checked without decompressing it)")
                 if not member.isfile():
                     continue
-                member_key, extension = _split_key(member.name)
-                if member_key != key:
-                    if key is not None:
-                        yield key, fields
+                if key is None:
                     key, fields, sample_bytes = member_key, {}, 0
-                if not compressed and member.offset_data + member.size > shard_size:
-                    raise tarfile.HeaderError(
-                        f"member {member.name[:200]!r} claims {member.size} bytes, more than "
-                        f"the {shard_size}-byte shard holds")
-                if compressed and member.size > max_bytes:
-                    raise tarfile.HeaderError(
-                        f"member {member.name[:200]!r} claims {member.size} bytes, more than "
-                        f"the {max_bytes}-byte limit (in a compressed shard the claim cannot "
-                        "be checked without decompressing it)")
-                if wanted is not None and extension not in wanted:
+                if extension in fields:
+                    fields[extension] = InputError(
+                        f"the sample has two members named {member.name[:200]}")
+                elif wanted is not None and extension not in wanted:
                     fields[extension] = None
                 elif member.size > max_bytes or sample_bytes + member.size > max_bytes:
                     fields[extension] = InputError(
@@ -98,8 +107,9 @@ def iter_webdataset(path, max_bytes=DEFAULT_MAX_BYTES, wanted=None):
                 else:
                     fields[extension] = archive.extractfile(member).read()
                     sample_bytes += member.size
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise InputError(f"tar shard cut short or corrupt at sample {str(key)[:200]!r} (it and "
+    except (tarfile.TarError, OSError, EOFError, ValueError, OverflowError,
+            RecursionError) as error:  # RecursionError: a long chain of extended headers
+        raise InputError(f"tar shard cut short or corrupt at sample {str(at)[:200]!r} (it and "
                          f"any later samples are not embedded): {type(error).__name__}: "
                          f"{error}") from None
     if key is not None:
