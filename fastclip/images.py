@@ -53,6 +53,15 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES)
     return decode_image(read_file(path, max_bytes), max_pixels)
 
 
+# Reads that timed out and still block their thread. Past this many, later reads fail at once
+# instead of each waiting out its timeout and leaving one more thread blocked.
+MAX_STALLED_READS = 8
+
+
+_STALLED = {"count": 0}
+_STALLED_LOCK = threading.Lock()
+
+
 def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None):
     """The bytes of the file at ``path``. With ``timeout`` (seconds), a read that has not
     finished by then (a stalled network or FUSE mount) is this input's failure; the read is
@@ -61,18 +70,31 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None):
         raise InputError("no image path (an empty cell in the table)")
     if timeout is None:
         return _read_file(path, max_bytes)
+    if _STALLED["count"] >= MAX_STALLED_READS:
+        raise InputError(f"not read: {_STALLED['count']} earlier reads of this process are "
+                         "still stalled, so the storage is not answering")
     outcome = []
+    state = {"done": False, "stalled": False}
 
     def read():
         try:
             outcome.append((True, _read_file(path, max_bytes)))
         except BaseException as error:  # handed to the caller's thread below
             outcome.append((False, error))
+        finally:
+            with _STALLED_LOCK:
+                state["done"] = True
+                if state["stalled"]:
+                    _STALLED["count"] -= 1
 
     reader = threading.Thread(target=read, name="fastclip-read", daemon=True)
     reader.start()
     reader.join(timeout)
-    if not outcome:
+    with _STALLED_LOCK:
+        if not state["done"]:
+            state["stalled"] = True
+            _STALLED["count"] += 1
+    if state["stalled"]:
         raise InputError(f"the read did not finish within {timeout:g} s (a stalled mount?)")
     ok, value = outcome[0]
     if not ok:
@@ -89,7 +111,11 @@ def _read_file(path, max_bytes):
         if size > max_bytes:
             raise InputError(f"file of {size} bytes is larger than the {max_bytes}-byte limit")
         with open(path, "rb") as f:
-            return f.read()
+            # The size a file system reports may lie (procfs, FUSE, a file still growing).
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise InputError(f"file holds more than the {max_bytes}-byte limit")
+        return data
     except OSError as error:
         raise InputError(f"unreadable: {type(error).__name__}: {error}") from error
 

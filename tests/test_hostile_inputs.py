@@ -607,3 +607,43 @@ def test_a_member_repeated_inside_a_sample_fails_the_sample(tmp_path):
                     num_workers=0, progress=False)
     assert summary["rows"] == 0
     assert "two members named 000.jpg" in read_failures(tmp_path / "out")[f"{path}:000"]
+
+
+def test_many_stalled_reads_fail_the_rest_at_once(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    from fastclip import images as images_module
+    stalled = threading.Event()
+    monkeypatch.setattr(images_module, "_read_file", lambda path, max_bytes: stalled.wait())
+    try:
+        for _ in range(images_module.MAX_STALLED_READS):
+            with pytest.raises(images_module.InputError, match="did not finish within"):
+                images_module.read_file("x.jpg", timeout=0.05)
+        start = time.perf_counter()
+        with pytest.raises(images_module.InputError, match="still stalled"):
+            images_module.read_file("y.jpg", timeout=5)
+        assert time.perf_counter() - start < 1
+    finally:
+        stalled.set()
+    deadline = time.monotonic() + 5
+    while images_module._STALLED["count"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert images_module._STALLED["count"] == 0  # the reads that came back are counted off
+
+
+def test_a_file_larger_than_it_claims_is_bounded(tmp_path):
+    from fastclip.images import InputError, read_file
+    with pytest.raises(InputError, match="more than the 10-byte limit"):
+        read_file("/proc/self/maps", max_bytes=10)  # reports size 0
+
+
+def test_one_image_paired_with_two_captions_is_two_inputs(tmp_path):
+    from embed_helpers import write_images
+    paths = write_images(tmp_path / "images", 1, nested=False)
+    images, texts = tmp_path / "images.txt", tmp_path / "texts.txt"
+    images.write_text(f"{paths[0]}\n{paths[0]}\n")
+    texts.write_text("a photo\nanother caption of it\n")
+    summary = embed(str(tmp_path / "out"), images=[str(images)], texts=[str(texts)],
+                    model="random:tiny", num_workers=0, progress=False)
+    assert summary["rows"] == 2 and summary["failures"] == 0

@@ -279,15 +279,17 @@ def plan_job(images=(), texts=(), shard_size=100_000, image_column="image_path",
 
 
 def _mark_duplicates(items):
-    """Items whose key an earlier item has become failures: a path listed twice is embedded
-    once, and the repeat is reported rather than silently given a second row."""
+    """Items that repeat an earlier one (the same key and the same text) become failures: a
+    path listed twice is embedded once, and the repeat is reported rather than silently
+    given a second row. One image paired with two captions is two inputs."""
     first = {}
     marked = []
     for position, item in enumerate(items):
-        if item.key in first and item.error is None:
+        identity = (item.key, item.text)
+        if identity in first and item.error is None:
             item = dataclasses.replace(item, error=(
-                f"duplicate key: the same input as input {first[item.key] + 1} of the job"))
-        first.setdefault(item.key, position)
+                f"duplicate key: the same input as input {first[identity] + 1} of the job"))
+        first.setdefault(identity, position)
         marked.append(item)
     return marked
 
@@ -300,7 +302,8 @@ def _pair(image_list, tars, text_list):
         raise ValueError(f"--images gives {len(image_list)} images and --texts gives "
                          f"{len(text_list)} texts; to embed them as aligned pairs the counts "
                          "must match. Run two jobs to embed them separately.")
-    return [Item(key=image.key, image_path=image.image_path, text=text.text)
+    return [Item(key=image.key, image_path=image.image_path, text=text.text,
+                 error=image.error or text.error)
             for image, text in zip(image_list, text_list)]
 
 
