@@ -28,6 +28,11 @@ _CLASS = re.compile(r"^class (\w+)\(Module\):\n((?:  .*\n?)*)", re.MULTILINE)
 _NAMES = re.compile(r"^  __(parameters|buffers)__ = \[([^\]]*)\]", re.MULTILINE)
 
 
+# Weights barely compress: a storage that expands more than this (and is large) is a bomb.
+MAX_COMPRESSION_RATIO = 100
+MAX_COMPRESSION_SPAN = 64 << 20
+
+
 class ArchiveError(ValueError):
     """A TorchScript archive that fastclip will not read: the message says why."""
 
@@ -75,6 +80,7 @@ class _Unpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self.archive, self.root = archive, root
         self.classes = {}
+        self.storages = {}  # key -> its flat tensor: each storage is read once
 
     def find_class(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -97,13 +103,25 @@ class _Unpickler(pickle.Unpickler):
             raise ArchiveError(f"the archive refers to an unknown object {pid!r:.80}")
         _, storage_type, key, _, numel = pid
         dtype = storage_type.dtype
+        if key in self.storages:
+            flat = self.storages[key]
+            if flat.dtype != dtype or flat.numel() != numel:
+                raise ArchiveError(f"storage {key} is named with two different types")
+            return flat
         member = f"{self.root}/data/{key}"
-        # The size is checked before the bytes are read, so a lying member costs nothing.
-        if self.archive.getinfo(member).file_size != numel * dtype.itemsize:
-            raise ArchiveError(f"storage {key} holds {self.archive.getinfo(member).file_size} "
-                               f"bytes, not the {numel * dtype.itemsize} its header gives")
+        info = self.archive.getinfo(member)
+        # Sizes are checked before the bytes are read, so a lying member costs nothing.
+        if info.file_size != numel * dtype.itemsize:
+            raise ArchiveError(f"storage {key} holds {info.file_size} bytes, not the "
+                               f"{numel * dtype.itemsize} its header gives")
+        if info.file_size > MAX_COMPRESSION_SPAN and \
+                info.file_size > MAX_COMPRESSION_RATIO * info.compress_size:
+            raise ArchiveError(f"storage {key} expands {info.compress_size} bytes into "
+                               f"{info.file_size}, far more than weights ever compress")
         data = bytearray(self.archive.read(member))
-        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        self.storages[key] = flat
+        return flat
 
 
 def _collect(module, declared, prefix, out):

@@ -647,3 +647,66 @@ def test_one_image_paired_with_two_captions_is_two_inputs(tmp_path):
     summary = embed(str(tmp_path / "out"), images=[str(images)], texts=[str(texts)],
                     model="random:tiny", num_workers=0, progress=False)
     assert summary["rows"] == 2 and summary["failures"] == 0
+
+
+def archive_of_references(path, references, numel, compress=False):
+    """A TorchScript-like archive whose module holds ``references`` tensors, each naming the
+    same storage anew (no pickle memo), as a crafted archive can."""
+    import collections
+    import io
+    import pickle
+    import types
+    import zipfile
+
+    module = types.ModuleType("__torch__")
+    module.M = type("M", (), {"__module__": "__torch__"})
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (Storage(), 0, (numel,), (1,), False,
+                                                     collections.OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Storage):
+                return ("storage", torch.FloatStorage, "0", "cpu", numel)
+            return None
+
+    top = module.M()
+    top.__dict__.update({f"w{i}": Tensor() for i in range(references)})
+    buffer = io.BytesIO()
+    saved = sys.modules.get("__torch__")
+    sys.modules["__torch__"] = module
+    try:
+        Pickler(buffer, protocol=2).dump(top)
+    finally:
+        if saved is None:
+            del sys.modules["__torch__"]
+        else:
+            sys.modules["__torch__"] = saved
+    names = ", ".join(f'"w{i}"' for i in range(references))
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", method) as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        archive.writestr("archive/code/__torch__.py",
+                         f"class M(Module):\n  __parameters__ = [{names}, ]\n  __buffers__ = []\n")
+        archive.writestr("archive/data/0", b"\0" * (4 * numel))
+    return path
+
+
+def test_a_storage_named_many_times_is_read_once(tmp_path):
+    path = archive_of_references(tmp_path / "refs.pt", references=200, numel=1 << 18)
+    weights = read_weights(path)
+    assert len(weights) == 200
+    assert len({w.untyped_storage().data_ptr() for w in weights.values()}) == 1
+
+
+def test_a_compressed_storage_that_expands_like_a_bomb_is_refused(tmp_path):
+    path = archive_of_references(tmp_path / "bomb.pt", references=1, numel=32 << 20,
+                                 compress=True)  # 128 MiB of zeros in about 130 KB
+    with pytest.raises(ArchiveError, match="far more than weights ever compress"):
+        read_weights(path)
