@@ -26,6 +26,10 @@ def atomic_write(path, write, durable=True):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.filename in (None, temporary):  # say which file could not be written
+            raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
+        raise
     finally:
         if os.path.lexists(temporary):
             os.remove(temporary)

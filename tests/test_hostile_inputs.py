@@ -710,3 +710,17 @@ def test_a_compressed_storage_that_expands_like_a_bomb_is_refused(tmp_path):
                                  compress=True)  # 128 MiB of zeros in about 130 KB
     with pytest.raises(ArchiveError, match="far more than weights ever compress"):
         read_weights(path)
+
+
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path):
+    import errno
+
+    from fastclip.files import atomic_write, describe_os_error
+
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "img_emb_0.npy", full)
+    assert describe_os_error(caught.value) == \
+        f"{tmp_path / 'img_emb_0.npy'}: no space left on the device"
