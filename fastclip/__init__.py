@@ -4,7 +4,7 @@ from .checkpoints import load_state_dict
 from .loading import available_models, default_device, load
 from .model import CLIP, CONFIGS, build_model, build_model_from_config, convert_weights
 from .ops.cuda_graphs import enable_cuda_graphs
-from .ops.dispatch import get_backend
+from .ops.dispatch import get_backend, triton_fallbacks
 from .tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 from .transform import Preprocess
 from .version import __version__
@@ -23,7 +23,9 @@ def info():
     picks there, whether the compiled extension ``fastclip._C`` is loaded (else attention
     pooling runs its PyTorch algebra), the dtypes whose CPU linear layers run on prepacked
     oneDNN weights (``fastclip.ops.cpu_linear``; empty when oneDNN is absent or switched off),
-    and whether the tokenizer merges with the compiled class (``native``) or in Python."""
+    whether the tokenizer merges with the compiled class (``native``) or in Python, and
+    which calls of the triton backend ran the torch op because their kernel cannot compute
+    them (``{"op: reason": calls}``)."""
     import torch
 
     from .ops import cpu_linear
@@ -45,4 +47,5 @@ def info():
         "extension": extension_info(),
         "cpu_prepacked_linear": cpu_linear.dtype_names(),
         "tokenizer_bpe": get_tokenizer().bpe_implementation,
+        "triton_fallbacks": triton_fallbacks(),
     }

@@ -9,13 +9,14 @@ import to run the kernels on CPU tensors in Triton's interpreter (for tests).
 
 import torch
 
-from .attention import attention
+from .attention import attention, attention_refusal
 from .common import INTERPRETED
-from .layer_norm import add_layer_norm, layer_norm
-from .linear import linear_act, mlp
+from .layer_norm import add_layer_norm, layer_norm, layer_norm_refusal
+from .linear import linear_act, linear_act_refusal, mlp
 
-__all__ = ["INTERPRETED", "add_layer_norm", "attention", "check_backend_device", "layer_norm",
-           "linear_act", "mlp"]
+__all__ = ["INTERPRETED", "add_layer_norm", "attention", "attention_refusal",
+           "check_backend_device", "layer_norm", "layer_norm_refusal", "linear_act",
+           "linear_act_refusal", "mlp"]
 
 
 def check_backend_device(device):

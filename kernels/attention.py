@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_device, check_dtype, dot_precision, upcast_dot
+from .common import check_device, check_dtype, dot_precision, on_device_of, refusal, upcast_dot
 
 MAX_LENGTH = 1024
 HEAD_DIMS = (32, 64, 80, 128)
@@ -151,10 +151,16 @@ def attention(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
     options = launch_options(length, head_dim, qkv.dtype, causal)
     if n > 0:
         grid = (n * heads, triton.cdiv(length, options["BLOCK_M"]))
-        _attention_kernel[grid](
-            qkv, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-            length, heads, head_dim ** -0.5 * LOG2_E, **options)
+        with on_device_of(qkv):
+            _attention_kernel[grid](
+                qkv, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+                length, heads, head_dim ** -0.5 * LOG2_E, **options)
     return out
+
+
+def attention_refusal(qkv, heads):
+    """Why :func:`attention` cannot compute this call, or None."""
+    return refusal(_check, qkv, heads)
 
 
 @attention.register_fake

@@ -6,6 +6,7 @@ then whether ``@triton.jit`` compiles or interprets), so it must be set before
 ``fastclip.kernels`` is first imported.
 """
 
+import contextlib
 import os
 
 import torch
@@ -43,17 +44,49 @@ def check_dtype(op, name, tensor, dtype=None):
                         f"input has {dtype}; convert them to one dtype.")
 
 
+def refusal(check, *args):
+    """Why the kernel that ``check`` guards cannot compute ``args`` (its error message), or
+    None when it can: the same rules as the op's own, without raising."""
+    try:
+        check(*args)
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
+
+
+def on_device_of(tensor):
+    """Launch on the tensor's GPU, not the current one: a model on cuda:1 while cuda:0 is
+    current must not run device-1 pointers in device 0's context."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def rows(x):
     """``x`` as a 2-D ``(rows, width)`` view with unit column stride, copying only if needed."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+def matmul_uses_tf32():
+    """Whether PyTorch's own fp32 CUDA matmuls use TF32, however it was set: the newer
+    ``fp32_precision`` settings (the matmul's own, or the global one it defers to with
+    ``"none"``) or the legacy ``allow_tf32`` flag, which raises once the newer ones are used."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def dot_precision(dtype):
     """``tl.dot``'s ``input_precision`` for ``dtype``: fp32 inputs use TF32 only where
-    PyTorch's own matmuls would (``torch.backends.cuda.matmul.allow_tf32``), so the kernels
-    give the answers PyTorch gives. The interpreter computes fp32 dots exactly either way."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    PyTorch's own matmuls would (:func:`matmul_uses_tf32`), so the kernels give the answers
+    PyTorch gives. The interpreter computes fp32 dots exactly either way."""
+    if dtype == torch.float32 and not matmul_uses_tf32():
         return "ieee"
     return "tf32"
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_device, check_dtype, rows
+from .common import check_device, check_dtype, on_device_of, refusal, rows
 
 MAX_WIDTH = 4096
 
@@ -90,13 +90,15 @@ def _launch(x, residual, weight, bias, eps):
     total = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if residual is not None else x2
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
-        _layer_norm_kernel[(x2.shape[0],)](
-            x2, residual2, total, y,
-            weight.contiguous() if weight is not None else x2,
-            bias.contiguous() if bias is not None else x2,
-            x2.stride(0), residual2.stride(0), total.stride(0), y.stride(0),
-            width, eps,
-            **launch_options(width, residual is not None, weight is not None, bias is not None))
+        with on_device_of(x2):
+            _layer_norm_kernel[(x2.shape[0],)](
+                x2, residual2, total, y,
+                weight.contiguous() if weight is not None else x2,
+                bias.contiguous() if bias is not None else x2,
+                x2.stride(0), residual2.stride(0), total.stride(0), y.stride(0),
+                width, eps,
+                **launch_options(width, residual is not None, weight is not None,
+                                 bias is not None))
     total = total.view(x.shape) if residual is not None else None
     return total, y.view(x.shape)
 
@@ -126,3 +128,10 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 def _(x, residual, weight, bias, eps):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def layer_norm_refusal(x, residual, weight, bias):
+    """Why :func:`layer_norm` (``residual`` None) or :func:`add_layer_norm` cannot compute
+    this call, or None."""
+    return refusal(_check, "layer_norm" if residual is None else "add_layer_norm", x,
+                   residual, weight, bias)

@@ -11,7 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_device, check_dtype, dot_precision, rows, upcast_dot
+from .common import (
+    check_device,
+    check_dtype,
+    dot_precision,
+    on_device_of,
+    refusal,
+    rows,
+    upcast_dot,
+)
 
 ACTIVATIONS = ("none", "quick_gelu", "gelu")
 
@@ -137,10 +145,11 @@ def linear_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     options = launch_options(m, x.dtype, activation, bias is not None, residual is not None)
     if m > 0 and n > 0:
         grid = (triton.cdiv(m, options["BLOCK_M"]) * triton.cdiv(n, options["BLOCK_N"]),)
-        _linear_act_kernel[grid](
-            x2, weight, bias.contiguous() if bias is not None else weight, residual2, out,
-            m, n, k, x2.stride(0), weight.stride(0), weight.stride(1),
-            residual2.stride(0), out.stride(0), **options)
+        with on_device_of(x2):
+            _linear_act_kernel[grid](
+                x2, weight, bias.contiguous() if bias is not None else weight, residual2, out,
+                m, n, k, x2.stride(0), weight.stride(0), weight.stride(1),
+                residual2.stride(0), out.stride(0), **options)
     return out.view(out_shape)
 
 
@@ -156,3 +165,8 @@ def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None
     hidden = linear_act(x, fc_weight, fc_bias, activation)
     out = torch.nn.functional.linear(hidden, proj_weight, proj_bias)
     return out if residual is None else residual + out
+
+
+def linear_act_refusal(x, weight, bias, activation, residual=None):
+    """Why :func:`linear_act` cannot compute this call, or None."""
+    return refusal(_check, x, weight, bias, activation, residual)

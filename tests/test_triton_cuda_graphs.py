@@ -44,3 +44,30 @@ def test_graphs_replay_the_model(backend):
     assert len(model.encode_image.graphs) == 3
     disable_cuda_graphs(model)
     assert not isinstance(model.__dict__.get("encode_image"), CUDAGraphed)
+
+
+@pytest.mark.gpu
+def test_graphs_take_normalize_and_replay_it():
+    model = small_clip(vision_patch_size=32, vocab_size=1000).cuda().half()
+    images = torch.randn(3, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        expected = model.encode_image(images, normalize=True)
+    enable_cuda_graphs(model, batch_sizes=(4,))
+    assert_close_relative(model.encode_image(images, normalize=True), expected, 2e-3)
+    assert len(model.encode_image.graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_model_on_another_gpu_than_the_current_one(backend):
+    model = small_clip(vision_patch_size=32, vocab_size=1000).to("cuda:1").half()
+    model.set_backend(backend)
+    images = torch.randn(3, 3, 64, 64, device="cuda:1")
+    with torch.cuda.device(1), torch.no_grad():
+        expected = model.encode_image(images)
+    with torch.cuda.device(0):
+        with torch.no_grad():
+            assert_close_relative(model.encode_image(images), expected, 2e-3)
+        enable_cuda_graphs(model, batch_sizes=(4,))
+        assert_close_relative(model.encode_image(images), expected, 2e-3)

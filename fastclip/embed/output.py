@@ -115,9 +115,10 @@ class OutputFolder:
             "texts": 0 if text is None else len(rows),
             "files": [os.path.relpath(f, self.root) for f in files]})
 
-    def finalize(self, job, n_chunks):
+    def finalize(self, job, n_chunks, ran=None):
         """Write ``failures.jsonl`` and ``manifest.json`` if every shard is done; return the
-        manifest, or None when shards are missing."""
+        manifest, or None when shards are missing. ``ran`` adds what this process saw of how
+        the ops ran (the triton backend's fallbacks)."""
         if self.done_indices() != set(range(n_chunks)):
             return None
         markers = [read_json(self.path("done", i)) for i in range(n_chunks)]
@@ -136,6 +137,7 @@ class OutputFolder:
                        "failures": total("failures"),
                        "shards": sum(1 for m in markers if m["rows"])},
             "failures": total("failures"),
+            **(ran or {}),
         }
         write_json(os.path.join(self.root, "manifest.json"), manifest)
         return manifest

@@ -62,15 +62,18 @@ class CUDAGraphed:
         batch = x.shape[0]
         # The static buffers are captured under inference_mode, whatever mode the first
         # caller was in, so they are written under it too; the clone returned outside it is
-        # an ordinary tensor (callers may normalize it in place).
-        with torch.inference_mode():
+        # an ordinary tensor (callers may normalize it in place). Replayed on the model's
+        # GPU, whichever one is current.
+        with torch.inference_mode(), torch.cuda.device(self.device):
             static_input[:batch].copy_(x)
             static_input[batch:].zero_()
             graph.replay()
         return static_output[:batch].clone()
 
     def _capture(self, size, shape, dtype, options):
-        with torch.inference_mode():
+        # Captured on the model's GPU: capturing on another device's stream records nothing
+        # of the model's kernels, and its replays would return stale outputs.
+        with torch.inference_mode(), torch.cuda.device(self.device):
             static_input = torch.zeros(size, *shape, dtype=dtype, device=self.device)
             # Warm up on a side stream, as PyTorch requires: this compiles the Triton kernels
             # and creates cuBLAS workspaces, which must not happen during capture.

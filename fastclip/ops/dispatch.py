@@ -12,8 +12,9 @@ Backends:
 - ``torch``: the fastest path that needs no Triton: ``F.scaled_dot_product_attention``,
   PyTorch ops, and on the CPU oneDNN products on prepacked weights with the MLP's activation
   and residual add fused in (``torch_backend``, ``cpu_linear``).
-- ``triton``: fused Triton kernels (``fastclip.kernels``); needs a CUDA device, or
-  ``TRITON_INTERPRET=1`` to run on CPU tensors for testing.
+- ``triton``: fused Triton kernels (``fastclip.kernels``), each op falling back to the torch
+  backend's for the calls its kernel cannot compute (``triton_backend``); needs a CUDA
+  device, or ``TRITON_INTERPRET=1`` to run on CPU tensors for testing.
 - ``auto``: ``triton`` on a CUDA device when Triton imports, else ``torch``.
 
 The environment variable ``FASTCLIP_BACKEND`` has the same meaning as ``load(backend=...)``
@@ -119,7 +120,7 @@ def _triton_backend(device=None):
     """
     try:
         from .. import kernels
-        from . import triton_autograd  # noqa: F401  (registers the kernels' backward passes)
+        from . import triton_backend
     except ImportError as error:
         raise RuntimeError(
             f"backend='triton' needs the triton package, which did not import ({error}). "
@@ -129,12 +130,20 @@ def _triton_backend(device=None):
     return Backend(
         name="triton",
         linear=F.linear,
-        layer_norm=kernels.layer_norm,
-        add_layer_norm=kernels.add_layer_norm,
-        attention=kernels.attention,
-        mlp=kernels.mlp,
+        layer_norm=triton_backend.layer_norm,
+        add_layer_norm=triton_backend.add_layer_norm,
+        attention=triton_backend.attention,
+        mlp=triton_backend.mlp,
         attention_pool2d=attention_pool.attention_pool2d,
     )
+
+
+def triton_fallbacks():
+    """``{"op: reason": calls}``: the triton backend's calls that ran the torch op, in this
+    process (empty when the backend was never built)."""
+    import sys
+    backend = sys.modules.get("fastclip.ops.triton_backend")
+    return backend.fallbacks() if backend is not None else {}
 
 
 def triton_available(device):
