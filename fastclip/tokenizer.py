@@ -20,7 +20,6 @@ import os
 from functools import lru_cache
 from itertools import chain
 
-import ftfy
 import numpy as np
 import regex as re
 import torch
@@ -55,8 +54,20 @@ def bytes_to_unicode():
 _PLAIN_ASCII = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 
+def _ftfy():
+    """ftfy, imported when a text first needs it: plain ASCII never does (see ``clean``), so
+    fastclip imports, and tokenizes such texts, where ftfy is not installed."""
+    try:
+        import ftfy
+    except ImportError as error:
+        raise RuntimeError(
+            "Tokenizing text that is not plain ASCII needs ftfy (OpenAI's text clean-up), "
+            "which is not installed: pip install ftfy.") from error
+    return ftfy
+
+
 def basic_clean(text):
-    text = ftfy.fix_text(text)
+    text = _ftfy().fix_text(text)
     text = html.unescape(html.unescape(text))
     return text.strip()
 

@@ -13,7 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
-STEPS = ["build", "gpu_tests", "models", "kernels", "render"]
+STEPS = ["wheels", "build", "check", "gpu_tests", "kernels", "models", "render"]
 
 
 def run_suite(out, **env):
@@ -76,12 +76,33 @@ def test_output_fits_what_a_device_call_brings_back(dry_run):
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files), files
 
 
-def test_spent_budget_skips_the_steps(tmp_path):
+def test_the_kernel_benchmarks_and_the_render_keep_their_time(dry_run):
+    log = read(dry_run / "suite.log")
+    assert "=== kernels (limit 60s)" in log and "=== render (limit 20s)" in log
+    limits = [int(limit) for limit in re.findall(r"^=== \w+ \(limit (\d+)s\)", log, re.M)]
+    assert sum(limits) <= 480 + 60  # the default budget, and the dry run's own slack
+
+
+def test_spent_budget_skips_the_steps_and_stops_at_the_check(tmp_path):
     pytest.importorskip("pytest_benchmark")
     result = run_suite(tmp_path, FASTCLIP_SUITE_BUDGET_S="0")
     summary = json.loads(read(tmp_path / "summary.json"))
-    assert [step["status"] for step in summary["steps"]] == ["skipped"] * len(STEPS)
-    assert result.returncode == 0
+    assert [step["status"] for step in summary["steps"]] == ["skipped"] * 3
+    assert result.returncode == 1 and "stopped: the check failed" in result.stderr
+
+
+def test_a_failed_install_check_stops_the_suite(tmp_path):
+    """When fastclip does not import (its dependencies missing), no benchmark runs under its
+    name: the suite stops after the check."""
+    fake = tmp_path / "fake" / "fastclip"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named ftfy')\n")
+    out = tmp_path / "out"
+    result = run_suite(out, PYTHONPATH=str(tmp_path / "fake"))
+    summary = json.loads(read(out / "summary.json"))
+    assert [step["name"] for step in summary["steps"]] == ["wheels", "build", "check"]
+    assert summary["steps"][-1]["status"] == "1" and result.returncode == 1
+    assert "fastclip does not import (No module named ftfy)" in read(out / "suite.log")
 
 
 def test_a_failed_step_fails_the_suite(tmp_path):

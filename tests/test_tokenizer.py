@@ -288,3 +288,34 @@ def test_tokenize_in_a_forked_child_after_parallel_torch_ops():
         child.kill()
         pytest.fail("tokenize hung in a forked child")
     assert queue.get(timeout=5) == (80_000, 77)
+
+
+def test_fastclip_imports_and_tokenizes_ascii_without_ftfy(tmp_path):
+    """On a machine without ftfy (the GPU image has none), plain ASCII needs no ftfy; other
+    text says what to install."""
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class NoFtfy(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "ftfy" or name.startswith("ftfy."):
+                    raise ModuleNotFoundError("No module named 'ftfy'", name=name)
+
+        sys.meta_path.insert(0, NoFtfy())
+        import fastclip
+        ids = fastclip.tokenize(["a photo of a dog"])
+        print(ids[0, :7].tolist())
+        try:
+            fastclip.tokenize(["caf\\u00e9"])
+        except RuntimeError as error:
+            print("refused:", error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = fastclip.tokenize(["a photo of a dog"])[0, :7].tolist()
+    assert str(expected) in result.stdout
+    assert "refused:" in result.stdout and "pip install ftfy" in result.stdout
