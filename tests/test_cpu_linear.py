@@ -321,3 +321,36 @@ def test_bf16_vit_close_to_fp32():
         half = convert_weights(model, torch.bfloat16)
         assert cosine(half.encode_image(images).float(), image32).min() > 0.999
         assert cosine(half.encode_text(texts).float(), text32).min() > 0.999
+
+
+def test_torch_compile_traces_the_packed_path_without_graph_breaks():
+    """Under torch.compile the packed products are ops of their own, which compiled graphs
+    call: no graph break from fastclip's code, and the eager path's results."""
+    if not cpu_linear.enabled():
+        pytest.skip("no oneDNN (mkldnn) CPU ops in this PyTorch")
+    model = small_vit()
+    images, texts = torch.randn(2, 3, 32, 32), torch.randint(1, 1000, (2, 16))
+    texts[:, -1] = 49407
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for encode, batch in ((model.encode_image, images), (model.encode_text, texts)):
+            explained = torch._dynamo.explain(encode)(batch)
+            assert explained.graph_break_count == 0, explained.break_reasons
+            code = "".join(graph.code for graph in explained.graphs)
+            for op in ("linear", "mlp", "layer_norm", "attention"):
+                assert f"fastclip_cpu.{op}" in code, op
+            compiled = torch.compile(encode, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(batch), encode(batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["linear", "mlp"])
+def test_the_compiled_paths_ops_pass_opcheck(op):
+    if not cpu_linear.enabled():
+        pytest.skip("no oneDNN (mkldnn) CPU ops in this PyTorch")
+    x = torch.randn(2, 5, 16)
+    if op == "linear":
+        args = (x, torch.randn(24, 16), torch.randn(24))
+    else:
+        args = (x, torch.randn(64, 16), torch.randn(64), torch.randn(16, 64), torch.randn(16),
+                "quick_gelu", torch.randn(2, 5, 16))
+    torch.library.opcheck(getattr(torch.ops.fastclip_cpu, op), args)

@@ -25,6 +25,7 @@ one more copy of each transformer weight in memory; setting the environment vari
 """
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,14 @@ def _plain(tensor):
 def usable(x, *tensors):
     """Whether ``x`` times the weights in ``tensors`` can take the oneDNN path: plain CPU
     tensors of one supported dtype, no gradient to record (reverse or forward mode, or a
-    ``torch.func`` transform), not traced by ``torch.compile`` or ``torch.jit``."""
+    ``torch.func`` transform), not traced by ``torch.jit``. Under ``torch.compile`` the path
+    is an op of its own (``fastclip_cpu::linear``, ``fastclip_cpu::mlp``) that compiled
+    graphs call."""
     if not enabled() or x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2:
         return False
-    if (not _plain(x) or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or forward_ad._current_level >= 0
+    if torch.compiler.is_compiling():
+        return _usable_when_compiling(x, tensors)
+    if (not _plain(x) or torch.jit.is_tracing() or forward_ad._current_level >= 0
             or torch._C._functorch.is_functorch_wrapped_tensor(x)):
         return False
     grad = torch.is_grad_enabled()
@@ -94,6 +98,16 @@ def usable(x, *tensors):
                 or (grad and tensor.requires_grad)):
             return False
     return True
+
+
+def _usable_when_compiling(x, tensors):
+    # What a compiled graph can check of its inputs: dtypes, devices and autograd (the eager
+    # checks of tensor subclasses and function transforms do not trace).
+    grad = torch.is_grad_enabled()
+    return not (grad and x.requires_grad) and all(
+        t is None or (t.device.type == "cpu" and t.dtype == x.dtype
+                      and not (grad and t.requires_grad))
+        for t in tensors)
 
 
 def _cacheable(*weights):
@@ -179,8 +193,11 @@ def _product(x, weight, bias, attr="none", algorithm=""):
 def linear(x, weight, bias=None):
     """``F.linear(x, weight, bias)``, on oneDNN where :func:`usable`."""
     if not usable(x, weight, bias):
-        _evict(weight)
+        if not torch.compiler.is_compiling():
+            _evict(weight)
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _linear_op(x, weight, bias)
     return _product(x, weight, bias)
 
 
@@ -193,8 +210,15 @@ def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None
             or not usable(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
             or (residual is not None
                 and residual.shape != x.shape[:-1] + proj_weight.shape[:1])):
-        _evict(fc_weight, fc_bias, proj_weight)
+        if not torch.compiler.is_compiling():
+            _evict(fc_weight, fc_bias, proj_weight)
         return None
+    if torch.compiler.is_compiling():
+        return _mlp_op(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+    return _packed_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+
+
+def _packed_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
     if activation == "gelu":
         hidden = _product(x, fc_weight, fc_bias, "gelu", "none")
         proj = packed_weight(proj_weight) if _cacheable(proj_weight) else proj_weight.contiguous()
@@ -212,3 +236,29 @@ def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None
         return torch.ops.mkldnn._linear_pointwise(hidden, proj, proj_bias, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(
         hidden, residual.contiguous(), proj, proj_bias, "add")
+
+
+# The packed path as ops, for compiled graphs: opaque to the compiler, which would otherwise
+# stop at the cache of packed weights. Inference only (the path is taken without autograd).
+
+@torch.library.custom_op("fastclip_cpu::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _product(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("fastclip_cpu::mlp", mutates_args=())
+def _mlp_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor],
+            proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], activation: str,
+            residual: Optional[torch.Tensor]) -> torch.Tensor:
+    return _packed_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
+
+
+@_mlp_op.register_fake
+def _(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
+    return x.new_empty(*x.shape[:-1], proj_weight.shape[0])
