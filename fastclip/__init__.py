@@ -4,7 +4,7 @@ from .checkpoints import load_state_dict
 from .loading import available_models, default_device, load
 from .model import CLIP, CONFIGS, build_model, build_model_from_config, convert_weights
 from .ops.cuda_graphs import enable_cuda_graphs
-from .ops.dispatch import get_backend, triton_fallbacks
+from .ops.dispatch import auto_decisions, get_backend, triton_fallbacks
 from .tokenizer import SimpleTokenizer, get_tokenizer, tokenize
 from .transform import Preprocess
 from .version import __version__
@@ -25,7 +25,7 @@ def info():
     oneDNN weights (``fastclip.ops.cpu_linear``; empty when oneDNN is absent or switched off),
     whether the tokenizer merges with the compiled class (``native``) or in Python, and
     which calls of the triton backend ran the torch op because their kernel cannot compute
-    them (``{"op: reason": calls}``)."""
+    them (``{"op: reason": calls}``), and the measured ``auto`` backend's decisions (GPU)."""
     import torch
 
     from .ops import cpu_linear
@@ -48,4 +48,5 @@ def info():
         "cpu_prepacked_linear": cpu_linear.dtype_names(),
         "tokenizer_bpe": get_tokenizer().bpe_implementation,
         "triton_fallbacks": triton_fallbacks(),
+        "auto_decisions": auto_decisions(),
     }

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..checkpoints import model_sha256
 from ..loading import default_device, load
 from ..model import unit_norm
+from ..ops.dispatch import auto_decisions
 from ..ops.dispatch import triton_fallbacks as fallbacks
 from . import device_decode
 from . import ranks as ranks_
@@ -203,7 +204,8 @@ def run(job):
             "written; run the job again with --resume and the same options to complete it.")
     manifest = None
     if ranks.rank == 0 or not grouped:
-        ran = {"triton_fallbacks": fallbacks()} if model.backend == "triton" else None
+        ran = ({"triton_fallbacks": fallbacks(), "auto_decisions": auto_decisions()}
+               if model.backend in ("triton", "auto") else None)
         manifest = folder.finalize(record, len(plan.chunks), ran)
     ranks.finish()
     seconds = time.perf_counter() - start

@@ -15,7 +15,9 @@ Backends:
 - ``triton``: fused Triton kernels (``fastclip.kernels``), each op falling back to the torch
   backend's for the calls its kernel cannot compute (``triton_backend``); needs a CUDA
   device, or ``TRITON_INTERPRET=1`` to run on CPU tensors for testing.
-- ``auto``: ``triton`` on a CUDA device when Triton imports, else ``torch``.
+- ``auto``: on a CUDA device where Triton imports, for each op and class of shapes the Triton
+  kernel or the torch op, whichever is correct and faster there, measured on the first call
+  (``measured``); elsewhere ``torch``.
 
 The environment variable ``FASTCLIP_BACKEND`` has the same meaning as ``load(backend=...)``
 and is read when the argument is ``"auto"``.
@@ -138,6 +140,43 @@ def _triton_backend(device=None):
     )
 
 
+_DECISIONS = {}  # device -> the measured backend's decisions, shared by its models
+
+
+def measured_backend(device, decisions=None, timer=None):
+    """The measured ``auto`` backend for ``device`` (see ``measured``). ``decisions`` and
+    ``timer`` replace the machine's decision file and the CUDA-event timer, for tests."""
+    from .. import kernels
+    from . import measured, triton_backend
+    if decisions is None:
+        key = str(torch.device(device))
+        if key not in _DECISIONS:
+            _DECISIONS[key] = measured.decisions_for(device)
+        decisions = _DECISIONS[key]
+    ops = measured.Measured(
+        kernels={"layer_norm": triton_backend.layer_norm,
+                 "add_layer_norm": triton_backend.add_layer_norm,
+                 "attention": triton_backend.attention, "mlp": triton_backend.mlp},
+        refusals={
+            "layer_norm": lambda x, w, b, eps: kernels.layer_norm_refusal(x, None, w, b),
+            "add_layer_norm": lambda x, r, w, b, eps: kernels.layer_norm_refusal(x, r, w, b),
+            "attention": lambda qkv, heads, causal: kernels.attention_refusal(qkv, heads),
+            "mlp": lambda x, fw, fb, pw, pb, act, residual=None:
+                kernels.linear_act_refusal(x, fw, fb, act)},
+        decisions=decisions, timer=timer or measured.cuda_event_timer)
+    return Backend(name="auto", linear=F.linear, layer_norm=ops.op("layer_norm"),
+                   add_layer_norm=ops.op("add_layer_norm"), attention=ops.op("attention"),
+                   mlp=ops.op("mlp"), attention_pool2d=attention_pool.attention_pool2d)
+
+
+def auto_decisions():
+    """``{"op class": decision}`` of the measured ``auto`` backend, in this process."""
+    listing = {}
+    for decisions in _DECISIONS.values():
+        listing.update(decisions.listing())
+    return listing
+
+
 def triton_fallbacks():
     """``{"op: reason": calls}``: the triton backend's calls that ran the torch op, in this
     process (empty when the backend was never built)."""
@@ -169,7 +208,9 @@ def get_backend(name="auto", device="cpu"):
             f"choose one of {', '.join(BACKEND_NAMES)}."
         )
     if name == "auto":
-        name = "triton" if triton_available(device) else "torch"
+        if triton_available(device):
+            return measured_backend(device)
+        name = "torch"
     if name == "reference":
         return REFERENCE
     if name == "torch":
