@@ -49,7 +49,7 @@ def refusal(check, *args):
     None when it can: the same rules as the op's own, without raising."""
     try:
         check(*args)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, IndexError) as error:
         return str(error)
     return None
 

@@ -65,7 +65,7 @@ def launch_options(width, has_residual, has_weight, has_bias):
 def _check(op, x, residual, weight, bias):
     check_device(op, x, residual, weight, bias)
     check_dtype(op, "x", x)
-    width = x.shape[-1]
+    width = x.shape[-1] if x.dim() else 0
     if x.dim() == 0 or not 0 < width <= MAX_WIDTH:
         raise ValueError(f"fastclip Triton op {op}: x has shape {tuple(x.shape)}; the last "
                          f"dimension (the normalized width) must be 1 to {MAX_WIDTH}.")

@@ -101,3 +101,62 @@ def test_a_whole_model_runs_on_the_measured_backend(tmp_path):
         torch.testing.assert_close(model.encode_image(images), expected, rtol=1e-4, atol=1e-4)
     uses = {d["use"] for d in measured.Decisions(str(tmp_path / "auto.json")).table.values()}
     assert uses == {"triton"}
+
+
+def test_compiled_code_takes_the_torch_op_without_graph_breaks(tmp_path):
+    from small_models import small_clip
+    model = small_clip(vision_patch_size=32, vocab_size=1000)
+    model.set_backend(backend(tmp_path, Timer(kernel_s=1.0, torch_s=2.0)))
+    images = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.encode_image)(images)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert not (tmp_path / "auto.json").exists()  # nothing decided while tracing
+
+
+def test_autocast_does_not_make_a_correct_kernel_look_wrong(tmp_path):
+    import warnings
+    timer = Timer(kernel_s=1.0, torch_s=2.0)
+    ops = backend(tmp_path, timer)
+    x = torch.randn(4, 7, 64).bfloat16()
+    weights = (torch.randn(256, 64).bfloat16() * 0.1, torch.randn(256).bfloat16(),
+               torch.randn(64, 256).bfloat16() * 0.05, torch.randn(64).bfloat16())
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("error")  # a rejection would warn
+        ops.mlp(x, *weights, "quick_gelu", residual=x)
+    [decision] = measured.Decisions(str(tmp_path / "auto.json")).table.values()
+    assert decision["use"] == "triton", decision
+
+
+def test_an_empty_batch_is_computed_and_decides_nothing(tmp_path):
+    ops = backend(tmp_path, Timer(kernel_s=1.0, torch_s=2.0))
+    x, weight, bias, eps = layer_norm_args(rows=0)
+    assert ops.layer_norm(x, weight, bias, eps).shape == (0, 40)
+    assert ops.attention(torch.randn(0, 5, 3 * 64), 1, False).shape == (0, 5, 64)
+    assert not (tmp_path / "auto.json").exists()
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '{"1": {"use": "torch"}}',
+                                     '{"[\\"a\\"]": "torch"}', "not json"])
+def test_a_damaged_decision_file_is_measured_again(tmp_path, content):
+    (tmp_path / "auto.json").write_text(content)
+    timer = Timer(kernel_s=1.0, torch_s=2.0)
+    ops = backend(tmp_path, timer)
+    ops.layer_norm(*layer_norm_args())
+    assert timer.calls == 2
+    assert len(measured.Decisions(str(tmp_path / "auto.json")).table) == 1
+
+
+def test_a_kernel_that_fails_to_launch_is_replaced_by_the_torch_op(tmp_path):
+    def broken(x, weight, bias, eps):
+        raise RuntimeError("out of resources: shared memory")
+
+    decisions = measured.Decisions(str(tmp_path / "auto.json"))
+    run = measured.Measured(kernels={"layer_norm": broken},
+                            refusals={"layer_norm": lambda *args: None},
+                            decisions=decisions, timer=Timer(1.0, 2.0)).op("layer_norm")
+    args = layer_norm_args()
+    with pytest.warns(RuntimeWarning, match="fails for"):
+        torch.testing.assert_close(run(*args), reference.layer_norm(*args))
+    assert next(iter(decisions.table.values()))["use"] == "torch"

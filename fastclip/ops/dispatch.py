@@ -149,7 +149,10 @@ def measured_backend(device, decisions=None, timer=None):
     from .. import kernels
     from . import measured, triton_backend
     if decisions is None:
-        key = str(torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = str(device)
         if key not in _DECISIONS:
             _DECISIONS[key] = measured.decisions_for(device)
         decisions = _DECISIONS[key]

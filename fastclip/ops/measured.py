@@ -18,10 +18,12 @@ The device, the timer and the file are parameters, so the tests drive the logic 
 through Triton's interpreter.
 """
 
+import inspect
 import json
 import os
 import threading
 import warnings
+from contextlib import nullcontext
 
 import torch
 
@@ -44,9 +46,13 @@ def _rows(x):
 
 
 def shape_class(op, args):
-    """The class of a call's shapes: calls of one class share a decision."""
+    """The class of a call's shapes: calls of one class share a decision. fp32 classes also
+    say whether PyTorch's matmuls use TF32, which the kernels follow."""
+    from ..kernels.common import matmul_uses_tf32
     x = args[0]
-    head = (op, x.device.type, str(x.dtype).removeprefix("torch."))
+    head = (op, str(x.device), str(x.dtype).removeprefix("torch."))
+    if x.dtype == torch.float32:
+        head += ("tf32" if matmul_uses_tf32() else "ieee",)
     if op in ("layer_norm", "add_layer_norm"):
         return head + (x.shape[-1], _bucket(_rows(x)))
     if op == "attention":
@@ -78,16 +84,20 @@ def flash_rule(candidate, torch_result, reference_result):
     return bound_ok, worst, torch_worst
 
 
-def cuda_event_timer(fn, repeats=3):
-    """The median seconds of ``fn()`` on the current CUDA stream, by CUDA events."""
+def cuda_event_timer(fn, repeats=3, calls=5):
+    """The median seconds of one ``fn()`` on the current CUDA stream, by CUDA events: after a
+    warm-up call, ``repeats`` times ``calls`` calls back to back, so that the GPU is kept
+    busy as in a model's forward and the launches overlap the work."""
+    fn()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
+        times.append(start.elapsed_time(end) / 1000 / calls)
     return sorted(times)[len(times) // 2]
 
 
@@ -114,15 +124,11 @@ class Decisions:
         self.lock = threading.Lock()
         self.table = {}
         if path is not None and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    self.table = {tuple(json.loads(k)): v for k, v in json.load(f).items()}
-            except (OSError, ValueError):
-                self.table = {}  # an unreadable file is measured again, then rewritten
+            self.table = _read_decisions(path)
 
     def get(self, key):
-        with self.lock:
-            entry = self.table.get(key)
+        # A dict read is atomic: no lock, so compiled code could read it too.
+        entry = self.table.get(key)
         return None if entry is None else entry["use"]
 
     def put(self, key, use, detail):
@@ -144,6 +150,26 @@ class Decisions:
             return {" ".join(map(str, k)): dict(v) for k, v in self.table.items()}
 
 
+def _read_decisions(path):
+    """The decisions in ``path``; entries that are not decisions (a damaged or foreign file)
+    are dropped, and measured again."""
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    table = {}
+    for key, entry in (stored.items() if isinstance(stored, dict) else ()):
+        try:
+            parsed = json.loads(key)
+        except ValueError:
+            continue
+        if isinstance(parsed, list) and isinstance(entry, dict) and \
+                entry.get("use") in ("triton", "torch"):
+            table[tuple(parsed)] = entry
+    return table
+
+
 def decisions_for(device, folder=DEFAULT_CACHE):
     """The decisions file of this machine and software, in ``folder``."""
     key = machine_key(device)
@@ -152,9 +178,27 @@ def decisions_for(device, folder=DEFAULT_CACHE):
     return Decisions(os.path.join(folder, f"auto-{safe}.json"))
 
 
-def _reference_inputs(args):
-    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
+# The correctness check runs on at most this many of a batch's samples (the reference builds
+# fp32 attention scores, quadratic in the length, for every sample it is given).
+CHECK_SAMPLES = 8
+
+
+def _check_inputs(args):
+    """The first samples of a call's batch, upcast: fp64 for fp32 inputs (whose torch op may
+    be the reference's own arithmetic), fp32 for the others."""
+    batch = args[0].shape[0]
+    def part(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        if a.dim() > 1 and a.shape[0] == batch and batch > CHECK_SAMPLES:
+            a = a[:CHECK_SAMPLES]
+        return a
+    return tuple(part(a) for a in args)
+
+
+def _upcast(args):
+    return tuple((a.double() if a.dtype == torch.float32 else a.float())
+                 if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 class Measured:
@@ -174,13 +218,20 @@ class Measured:
                               "attention": reference.attention, "mlp": reference.mlp}
 
     def op(self, name):
-        def run(*args):
+        signature = inspect.signature(self.torch_ops[name])
+
+        def run(*args, **kwargs):
+            if kwargs:
+                args = tuple(signature.bind(*args, **kwargs).arguments.values())
+            if _tracing() or args[0].numel() == 0:
+                # Traced code (capture, torch.compile) and empty batches take the torch op:
+                # no class is computed (it would pin symbolic shapes), nothing is measured.
+                return self.torch_ops[name](*args)
             key = shape_class(name, args)
             use = self.decisions.get(key)
             if use is None:
-                if _tracing():
-                    use = "torch"  # decide outside capture and tracing, never inside
-                else:
+                device = args[0].device
+                with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
                     use = self._decide(name, key, args)
             return (self.kernels[name] if use == "triton" else self.torch_ops[name])(*args)
         run.__name__ = name
@@ -191,10 +242,21 @@ class Measured:
         if refusal is not None:
             self.decisions.put(key, "torch", {"why": f"the kernel cannot: {refusal}"})
             return "torch"
+        sample = _check_inputs(args)
+        try:
+            with torch.no_grad():
+                kernel_out = self.kernels[name](*sample)
+        except Exception as error:  # a kernel that cannot launch here (resources, compile)
+            warnings.warn(f"fastclip auto: the Triton kernel of {name} fails for {key[1:]} "
+                          f"({type(error).__name__}: {error}); that op runs PyTorch's "
+                          "kernels there.", RuntimeWarning, stacklevel=3)
+            self.decisions.put(key, "torch", {"why": f"the kernel failed: {error}"[:500]})
+            return "torch"
         with torch.no_grad():
-            kernel_out = self.kernels[name](*args)
-            torch_out = self.torch_ops[name](*args)
-            truth = self.reference_ops[name](*_reference_inputs(args))
+            torch_out = self.torch_ops[name](*sample)
+            # The reference is the truth whatever autocast the caller runs under.
+            with torch.autocast(sample[0].device.type, enabled=False):
+                truth = self.reference_ops[name](*_upcast(sample))
         correct, error, torch_error = flash_rule(kernel_out, torch_out, truth)
         detail = {"kernel_error": error, "torch_error": torch_error}
         if not correct:

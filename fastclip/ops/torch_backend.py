@@ -18,8 +18,8 @@ from . import cpu_linear, reference
 
 def _compiled_on_cpu(*tensors):
     """Whether this call is being compiled, on CPU tensors that need no gradient."""
-    if not torch.compiler.is_compiling():
-        return False
+    if not torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False  # under autocast, PyTorch's ops cast their inputs: leave them to it
     grad = torch.is_grad_enabled()
     return all(t is None or (t.device.type == "cpu" and not (grad and t.requires_grad))
                for t in tensors)

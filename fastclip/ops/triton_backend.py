@@ -10,6 +10,8 @@ which autocast makes (an fp32 weight beside a bf16 activation): PyTorch's op aut
 import collections
 import threading
 
+import torch
+
 from .. import kernels
 from . import (
     torch_backend,
@@ -20,8 +22,15 @@ _FALLBACKS = collections.Counter()
 _LOCK = threading.Lock()
 
 
+MAX_REASONS = 100  # distinct reasons kept; shapes vary, the count must not grow without end
+
+
 def _fell_back(op, reason):
+    if torch.compiler.is_compiling():
+        return  # counted in eager mode only: a lock cannot be traced
     with _LOCK:
+        if (op, reason) not in _FALLBACKS and len(_FALLBACKS) >= MAX_REASONS:
+            reason = "other reasons"
         _FALLBACKS[(op, reason)] += 1
 
 
