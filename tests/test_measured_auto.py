@@ -82,12 +82,22 @@ def test_a_shape_the_kernel_cannot_compute_falls_back_without_timing(tmp_path):
     assert decision["use"] == "torch" and "head dim 16" in decision["why"]
 
 
-def test_no_decision_is_made_while_tracing(tmp_path, monkeypatch):
+def test_a_cuda_graph_capture_uses_the_decision_made_before_it(tmp_path, monkeypatch):
     timer = Timer(kernel_s=1.0, torch_s=2.0)
     ops = backend(tmp_path, timer)
-    monkeypatch.setattr(measured, "_tracing", lambda: True)
-    ops.layer_norm(*layer_norm_args())
+    monkeypatch.setattr(measured, "_capturing", lambda: True)
+    ops.layer_norm(*layer_norm_args())  # no decision yet: the torch op, nothing decided
     assert timer.calls == 0 and not (tmp_path / "auto.json").exists()
+    monkeypatch.setattr(measured, "_capturing", lambda: False)
+    ops.layer_norm(*layer_norm_args())  # the warm-up before a capture decides
+    monkeypatch.setattr(measured, "_capturing", lambda: True)
+    used = []
+    real = triton_backend.layer_norm
+    monkeypatch.setattr(triton_backend, "layer_norm",
+                        lambda *args: used.append(1) or real(*args))
+    ops = backend(tmp_path, timer)  # the same file: the decision is there
+    ops.layer_norm(*layer_norm_args())
+    assert used and timer.calls == 2
 
 
 def test_a_whole_model_runs_on_the_measured_backend(tmp_path):

@@ -223,12 +223,14 @@ class Measured:
         def run(*args, **kwargs):
             if kwargs:
                 args = tuple(signature.bind(*args, **kwargs).arguments.values())
-            if _tracing() or args[0].numel() == 0:
-                # Traced code (capture, torch.compile) and empty batches take the torch op:
-                # no class is computed (it would pin symbolic shapes), nothing is measured.
+            if torch.compiler.is_compiling() or args[0].numel() == 0:
+                # Compiled code and empty batches take the torch op: no class is computed
+                # (it would pin symbolic shapes), nothing is measured.
                 return self.torch_ops[name](*args)
             key = shape_class(name, args)
             use = self.decisions.get(key)
+            if use is None and _capturing():
+                use = "torch"  # a CUDA graph replays what was decided before its capture
             if use is None:
                 device = args[0].device
                 with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
@@ -275,6 +277,5 @@ class Measured:
         return use
 
 
-def _tracing():
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return capturing or torch.compiler.is_compiling()
+def _capturing():
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
