@@ -89,3 +89,23 @@ def test_classify_prints_the_top_label_of_the_python_api(tmp_path, capsys):
         best = labels[int(classify(model, image, weights)[0].argmax())]
         printed_path, ranked = line.split("\t")
         assert printed_path == path and ranked.split(",")[0].rsplit(" ", 1)[0] == best
+
+
+def test_embed_exits_1_when_every_input_failed_or_too_many(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"bad{i}.jpg").write_bytes(b"not an image")
+    result = run_fastclip("embed", "--images", images, "-o", tmp_path / "out", "--model",
+                          "random:tiny", "--no-progress", "--num-workers", "0", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "fastclip embed: error: every input failed (3 of 3)")
+    write_images(images, 3, nested=False)  # now 3 of 6 fail
+    result = run_fastclip("embed", "--images", images, "-o", tmp_path / "half", "--model",
+                          "random:tiny", "--no-progress", "--num-workers", "0",
+                          "--max-failure-rate", "0.25", check=False)
+    assert result.returncode == 1 and "more than --max-failure-rate 0.25" in result.stderr
+    result = run_fastclip("embed", "--images", images, "-o", tmp_path / "ok", "--model",
+                          "random:tiny", "--no-progress", "--num-workers", "0", check=False)
+    assert result.returncode == 0

@@ -57,6 +57,9 @@ def add_arguments(parser):
     output.add_argument("--shard-size", type=int, default=DEFAULTS.shard_size,
                         help="inputs per output shard of file and table sources; a tar "
                              "shard always makes one output shard (default: 100000)")
+    output.add_argument("--max-failure-rate", type=float, default=None, metavar="RATE",
+                        help="exit with status 1 when more than this fraction of the inputs "
+                             "failed (default: only when every input failed)")
     output.add_argument("--resume", action="store_true",
                         help="complete an interrupted job in the output folder")
 
@@ -85,13 +88,25 @@ def add_arguments(parser):
 def job_from(args):
     """The :class:`EmbedJob` that parsed arguments describe."""
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(EmbedJob)
-                if f.name != "image_keys"}
+                if f.name != "image_keys"}  # --max-failure-rate judges the finished job
     return EmbedJob(**settings, image_keys=args.image_keys.split(";"))
 
 
 def run(args):
     summary = run_job(job_from(args))
     print(summary_line(summary), file=sys.stderr)
-    if summary["manifest"] is not None:
-        print(f"Wrote {args.output} (manifest.json, failures.jsonl)", file=sys.stderr)
+    manifest = summary["manifest"]
+    if manifest is None:
+        return 0
+    print(f"Wrote {args.output} (manifest.json, failures.jsonl)", file=sys.stderr)
+    inputs, failures = manifest["counts"]["inputs"], manifest["counts"]["failures"]
+    if inputs and failures == inputs:
+        print(f"fastclip embed: error: every input failed ({failures} of {inputs}); "
+              f"{args.output}/failures.jsonl says why.", file=sys.stderr)
+        return 1
+    if args.max_failure_rate is not None and inputs and failures / inputs > args.max_failure_rate:
+        print(f"fastclip embed: error: {failures} of {inputs} inputs failed, more than "
+              f"--max-failure-rate {args.max_failure_rate:g}; {args.output}/failures.jsonl "
+              "says why.", file=sys.stderr)
+        return 1
     return 0

@@ -168,13 +168,29 @@ def prepare_output(folder, plan, job, resume, ranks):
         if ranks.alone or group:
             folder.remove_temporaries()
         write_json(folder.plan_path, {"fingerprint": plan.fingerprint,
-                                      "chunks": len(plan.chunks), "job": job})
+                                      "chunks": len(plan.chunks), "name_width": folder.width,
+                                      "job": job})
 
     on_rank_zero(ranks, decide)
     if not barrier() and ranks.rank != 0:
         _wait_for_plan(folder, plan)
     if ranks.rank != 0 and resume:
         _check_same_job(folder, plan, job)  # every rank refuses a resume with other settings
+
+
+def recorded_name_width(root, resume):
+    """The shard-name width of the job a resume completes: its own, so that its shards keep
+    their names (jobs begun by versions that did not record it padded ``count - 1``)."""
+    path = os.path.join(root, STATE_DIR, "plan.json")
+    if not resume or not os.path.isfile(path):
+        return None
+    try:
+        plan = read_json(path)
+    except (OSError, ValueError):
+        return None  # the resume checks report an unreadable plan
+    if "name_width" in plan:
+        return int(plan["name_width"])
+    return len(str(max(int(plan.get("chunks", 1)) - 1, 0)))
 
 
 def check_output_is_free(folder, resume):

@@ -61,8 +61,10 @@ class Plan:
 
     @property
     def name_width(self):
-        """Digits of the zero-padded shard numbers, so that names sort in order."""
-        return len(str(max(len(self.chunks) - 1, 0)))
+        """Digits of the zero-padded shard numbers, as clip-retrieval pads them
+        (``int(log10(count)) + 1``: ten shards are ``00`` to ``09``), so names sort in order
+        and match its own output."""
+        return len(str(max(len(self.chunks), 1)))
 
 
 # ---------------------------------------------------------------------------------------

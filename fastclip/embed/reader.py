@@ -242,7 +242,8 @@ class EmbedDataset(IterableDataset):
                            "duplicate key: an earlier sample of this shard has the same key")
                     continue
                 seen.add(key)
-                yield self._sample(f"{chunk.tar_path}:{key}", None,
+                # image_path: the sample's key, as clip-retrieval writes it for shards.
+                yield self._sample(f"{chunk.tar_path}:{key}", key,
                                    sample_caption(fields, self.caption_key),
                                    partial(sample_image, fields, self.image_keys))
         except InputError as error:

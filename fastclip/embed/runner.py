@@ -25,7 +25,7 @@ from ..ops.dispatch import triton_fallbacks as fallbacks
 from . import device_decode
 from . import ranks as ranks_
 from .job import MODEL_DTYPES, OUTPUT_DTYPES, EmbedJob
-from .output import OutputFolder, check_output_is_free, prepare_output
+from .output import OutputFolder, check_output_is_free, prepare_output, recorded_name_width
 from .plan import plan_job, rank_chunks
 from .reader import EmbedDataset, single_thread_worker
 from .writer import ShardWriter
@@ -149,7 +149,8 @@ def run(job):
                     image_column=job.image_column, text_column=job.text_column,
                     embed_captions=job.embed_captions, limit=job.limit)
     ranks = ranks_.from_environment()
-    folder = OutputFolder(job.output, plan.name_width)
+    folder = OutputFolder(job.output, recorded_name_width(job.output, job.resume)
+                          or plan.name_width)
     device = torch.device(job.device) if job.device else default_device()
     if device.type == "cuda":
         # Streams, events and NCCL collectives below use the current device: this rank's.
