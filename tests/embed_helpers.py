@@ -163,3 +163,12 @@ def read_failures(folder):
     """``{key: reason}`` of an output folder's failures.jsonl."""
     with open(os.path.join(folder, "failures.jsonl")) as f:
         return {record["key"]: record["reason"] for record in map(json.loads, f)}
+
+
+def run_python(tmp_path, source, *args):
+    """Run ``source`` as a script file in a fresh Python (TorchScript needs its source in a
+    file); returns the CompletedProcess."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True,
+                          timeout=300)

@@ -1,0 +1,146 @@
+"""Images fastclip did not make: no external program starts, no rare parser runs, and each
+bad one, however it is bad, ends as that input's recorded failure."""
+
+import os
+import textwrap
+
+import pytest
+
+from fastclip.embed import embed
+
+from embed_helpers import run_python
+
+POSTSCRIPT = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\n"
+
+
+@pytest.fixture
+def fake_ghostscript(tmp_path, monkeypatch):
+    """A ``gs`` first on PATH that records that it ran."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    marker = tmp_path / "gs-ran"
+    gs = folder / "gs"
+    gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    return marker
+
+
+def test_postscript_would_start_ghostscript_in_plain_pil(tmp_path, fake_ghostscript):
+    (tmp_path / "photo.jpg").write_bytes(POSTSCRIPT)
+    run_python(tmp_path, textwrap.dedent(f"""
+        from PIL import Image
+        try:
+            Image.open({str(tmp_path / "photo.jpg")!r}).load()
+        except Exception:
+            pass
+    """))
+    assert fake_ghostscript.exists()  # the attack is real: PIL ran the gs it found
+
+
+def test_postscript_named_jpg_is_a_failure_and_starts_no_program(tmp_path, fake_ghostscript):
+    from embed_helpers import image_bytes, read_failures
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "photo.jpg").write_bytes(POSTSCRIPT)
+    (images / "good.jpg").write_bytes(image_bytes(0))
+    summary = embed(str(tmp_path / "out"), images=[str(images)], model="random:tiny",
+                    num_workers=0, progress=False)
+    assert summary["rows"] == 1 and summary["failures"] == 1
+    reason = read_failures(tmp_path / "out")[str(images / "photo.jpg")]
+    assert "looks like PostScript" in reason and "allowed: JPEG" in reason
+    assert not fake_ghostscript.exists()
+
+
+@pytest.mark.parametrize("data, named", [(b"%PDF-1.7\n...", "PDF"), (b"8BPS\x00\x01", "PSD"),
+                                         (b"\x00\x00\x00\x1cftypheic\x00\x00", "HEIC")])
+def test_refused_formats_name_what_they_look_like(data, named):
+    from fastclip.images import InputError, decode_image
+    with pytest.raises(InputError, match=named):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_allowed_format_decodes(format):
+    from fastclip.images import decode_image
+
+    from embed_helpers import image_bytes
+    assert decode_image(image_bytes(0, size=(30, 20), format=format)).size == (30, 20)
+
+
+def test_an_extreme_aspect_ratio_is_a_failure_and_the_job_completes(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from embed_helpers import image_bytes, read_failures
+
+    images = tmp_path / "images"
+    images.mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((1, 400_000), np.uint8), "L").save(buffer, "PNG")
+    assert len(buffer.getvalue()) < 4000  # a tiny file, well under the pixel limit as it is
+    (images / "strip.png").write_bytes(buffer.getvalue())
+    (images / "good.jpg").write_bytes(image_bytes(0))
+    for workers in (0, 1):
+        out = tmp_path / f"out{workers}"
+        summary = embed(str(out), images=[str(images)], model="random:tiny",
+                        num_workers=workers, progress=False)
+        assert summary["rows"] == 1 and summary["manifest"] is not None
+        assert "aspect ratio too extreme: 400000x1" in read_failures(out)[str(images / "strip.png")]
+
+
+def test_a_read_that_never_returns_is_a_failure_and_the_job_moves_on(tmp_path, monkeypatch):
+    import threading
+
+    from fastclip import images as images_module
+
+    from embed_helpers import read_failures, write_images
+    paths = write_images(tmp_path / "images", 3, nested=False)
+    stalled = threading.Event()
+    real_read = images_module._read_file
+
+    def read(path, max_bytes):
+        if path == paths[1]:
+            stalled.wait()  # a stalled mount: this read blocks until the test ends
+        return real_read(path, max_bytes)
+
+    monkeypatch.setattr(images_module, "_read_file", read)
+    try:
+        summary = embed(str(tmp_path / "out"), images=[str(tmp_path / "images")],
+                        model="random:tiny", num_workers=0, progress=False, read_timeout=0.5)
+    finally:
+        stalled.set()
+    assert summary["rows"] == 2 and summary["manifest"] is not None
+    assert "did not finish within 0.5 s" in read_failures(tmp_path / "out")[paths[1]]
+
+
+def test_many_stalled_reads_fail_the_rest_at_once(monkeypatch, tmp_path):
+    import threading
+    import time
+
+    from fastclip import images as images_module
+    stalled = threading.Event()
+    monkeypatch.setattr(images_module, "_read_file", lambda path, max_bytes: stalled.wait())
+    try:
+        for _ in range(images_module.MAX_STALLED_READS):
+            with pytest.raises(images_module.InputError, match="did not finish within"):
+                images_module.read_file("x.jpg", timeout=0.05)
+        start = time.perf_counter()
+        with pytest.raises(images_module.InputError, match="still stalled"):
+            images_module.read_file("y.jpg", timeout=5)
+        assert time.perf_counter() - start < 1
+    finally:
+        stalled.set()
+    deadline = time.monotonic() + 5
+    while images_module._STALLED["count"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert images_module._STALLED["count"] == 0  # the reads that came back are counted off
+
+
+def test_a_file_larger_than_it_claims_is_bounded(tmp_path):
+    from fastclip.images import InputError, read_file
+    with pytest.raises(InputError, match="more than the 10-byte limit"):
+        read_file("/proc/self/maps", max_bytes=10)  # reports size 0
