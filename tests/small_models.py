@@ -16,3 +16,12 @@ def small_clip(seed=0, **overrides):
     """A ``CLIP(**{**SMALL, **overrides})`` in eval mode, its weights drawn from ``seed``."""
     torch.manual_seed(seed)
     return CLIP(**{**SMALL, **overrides}).eval()
+
+
+def clip_inputs(device="cpu"):
+    """Two 64-pixel images and two token sequences for the small models' 1,000-token
+    vocabulary (``vocab_size=1000``); the end-of-text token (999) has the largest id."""
+    images = torch.randn(2, 3, 64, 64)
+    texts = torch.randint(1, 998, (2, 77))
+    texts[0, 9], texts[1, 76] = 999, 999
+    return images.to(device), texts.to(device)

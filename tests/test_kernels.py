@@ -18,7 +18,7 @@ from fastclip.ops import reference, triton_backend
 from fastclip.ops.dispatch import get_backend, triton_available
 
 from numerics import cosine, worst_element
-from small_models import small_clip
+from small_models import clip_inputs, small_clip
 
 CUDA = torch.cuda.is_available()
 
@@ -233,16 +233,9 @@ def test_backend_runs_only_where_the_kernels_can():
             kernels.attention(torch.zeros(1, 2, 3 * 64), 1, False)
 
 
-def clip_inputs():
-    images = torch.randn(2, 3, 64, 64)
-    texts = torch.randint(1, 998, (2, 77))
-    texts[0, 9], texts[1, 76] = 999, 999  # the end-of-text token has the largest id
-    return images.to(DEVICE), texts.to(DEVICE)
-
-
 def test_small_clip_fp32_matches_reference():
     model = small_clip(vision_patch_size=32, vocab_size=1000).to(DEVICE)
-    images, texts = clip_inputs()
+    images, texts = clip_inputs(DEVICE)
     with torch.no_grad():
         expected = model.set_backend("reference").encode_image(images), model.encode_text(texts)
         actual = model.set_backend("triton").encode_image(images), model.encode_text(texts)
@@ -257,7 +250,7 @@ def test_training_through_the_kernels_gives_the_reference_gradients():
         "ViT-B/32", embed_dim=32, image_resolution=32, vision_patch_size=16, vision_layers=1,
         vision_width=64, transformer_layers=1, transformer_width=64, transformer_heads=2,
         vocab_size=1000).to(DEVICE)
-    images, texts = torch.randn(2, 3, 32, 32, device=DEVICE), clip_inputs()[1]
+    images, texts = torch.randn(2, 3, 32, 32, device=DEVICE), clip_inputs(DEVICE)[1]
     grads = {}
     for backend in ("reference", "triton"):
         model.zero_grad()
@@ -272,7 +265,7 @@ def test_training_through_the_kernels_gives_the_reference_gradients():
 
 def test_small_clip_fp16_stays_close_to_fp32():
     model = small_clip(vision_patch_size=32, vocab_size=1000).to(DEVICE)
-    images, texts = clip_inputs()
+    images, texts = clip_inputs(DEVICE)
     with torch.no_grad():
         expected = model.set_backend("reference").encode_image(images), model.encode_text(texts)
         convert_weights(model, torch.float16).set_backend("triton")

@@ -12,17 +12,10 @@ from fastclip import kernels
 from fastclip.ops import reference, triton_backend
 
 from numerics import cosine
-from small_models import small_clip
+from small_models import clip_inputs, small_clip
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-
-
-def clip_inputs():
-    images = torch.randn(2, 3, 64, 64)
-    texts = torch.randint(1, 998, (2, 77))
-    texts[0, 9], texts[1, 76] = 999, 999  # the end-of-text token has the largest id
-    return images.to(DEVICE), texts.to(DEVICE)
 
 
 def test_shapes_the_kernels_cannot_compute_run_the_torch_op():
@@ -54,7 +47,7 @@ def test_autocast_inference_through_the_triton_backend():
     """Autocast gives ops inputs of mixed dtypes (bf16 activations, fp32 weights and
     residuals): those ops take PyTorch's autocast path instead of failing."""
     model = small_clip(vision_patch_size=32, vocab_size=1000).to(DEVICE)
-    images, texts = clip_inputs()
+    images, texts = clip_inputs(DEVICE)
     device_type = "cuda" if CUDA else "cpu"
     with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16):
         expected = model.set_backend("torch").encode_text(texts).float()
