@@ -18,9 +18,10 @@ import sys
 
 from setuptools import setup
 
-SOURCES = ["csrc/attention_pool.cpp", "csrc/bpe.cpp"]
-CUDA_SOURCES = ["csrc/attention_pool_cuda.cu"]
-HEADERS = ["csrc/attention_pool.h"]  # rebuild when it changes; ship it in source archives
+SOURCES = ["csrc/attention_pool.cpp", "csrc/bpe.cpp", "csrc/resize.cpp"]
+CUDA_SOURCES = ["csrc/attention_pool_cuda.cu", "csrc/resize_cuda.cu"]
+# Rebuild when they change; ship them in source archives.
+HEADERS = ["csrc/attention_pool.h", "csrc/resize.h", "csrc/resize_op.h"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100 and H100/H200 natively, newer GPUs through PTX
 
 
@@ -83,11 +84,13 @@ def extensions():
     cuda = want_cuda(cuda_home, torch)
     from torch.utils import cpp_extension
 
-    compile_args = {"cxx": ["-O3"]}  # torch's build helpers choose the C++ standard
+    # torch's build helpers choose the C++ standard. No fused multiply-adds may be contracted
+    # from separate ones: the resize weights must round as Pillow's do (csrc/resize.h).
+    compile_args = {"cxx": ["-O3", "-ffp-contract=off"]}
     if cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-        compile_args["nvcc"] = ["-O3"]
+        compile_args["nvcc"] = ["-O3", "-Xcompiler", "-ffp-contract=off", "--fmad=false"]
         extension = cpp_extension.CUDAExtension(
             "fastclip._C", SOURCES + CUDA_SOURCES, include_dirs=nvidia_include_dirs(),
             depends=HEADERS, extra_compile_args=compile_args)

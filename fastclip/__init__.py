@@ -25,7 +25,9 @@ def info():
     oneDNN weights (``fastclip.ops.cpu_linear``; empty when oneDNN is absent or switched off),
     whether the tokenizer merges with the compiled class (``native``) or in Python, and
     which calls of the triton backend ran the torch op because their kernel cannot compute
-    them (``{"op: reason": calls}``), and the measured ``auto`` backend's decisions (GPU)."""
+    them (``{"op: reason": calls}``), the measured ``auto`` backend's decisions (GPU), and
+    what preprocesses images (the compiled op, with the instruction set its CPU kernels use,
+    or PIL)."""
     import torch
 
     from .ops import cpu_linear
@@ -49,4 +51,16 @@ def info():
         "tokenizer_bpe": get_tokenizer().bpe_implementation,
         "triton_fallbacks": triton_fallbacks(),
         "auto_decisions": auto_decisions(),
+        "preprocess": _preprocess_info(),
     }
+
+
+def _preprocess_info():
+    from .ops import preprocess
+    from .transform import Preprocess
+    path = Preprocess(224).path
+    if path != "compiled op":
+        return {"path": path, "pillow": preprocess.PILLOW_VERSION}
+    import torch
+    return {"path": path, "cpu_isa": torch.ops.fastclip.preprocess_isa(),
+            "cuda": preprocess.available("cuda"), "pillow": preprocess.PILLOW_VERSION}

@@ -2,12 +2,20 @@
 
 ``Preprocess(n_px)(image)`` gives exactly the tensor of OpenAI's transform
 ``Compose([Resize(n_px, BICUBIC), CenterCrop(n_px), convert("RGB"), ToTensor(),
-Normalize(MEAN, STD)])``: the same PIL calls in the same order and the same fp32 arithmetic.
+Normalize(MEAN, STD)])``. Two paths compute it: the compiled op of ``ops/preprocess.py``
+(Pillow's integer arithmetic, only for the pixels the crop keeps) for L, LA, RGB and RGBA
+images, and PIL's own calls in OpenAI's order (:meth:`Preprocess.reference`) for every other
+mode, where the op is not built, or where it does not match the installed Pillow.
 """
+
+import functools
+import os
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .ops import preprocess as fused
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,18 +69,113 @@ def to_normalized_tensor(image, mean=MEAN, std=STD):
                      mean, std)
 
 
-class Preprocess:
-    """OpenAI's CLIP preprocessing for a PIL image of any mode and size."""
+@functools.lru_cache(maxsize=64)
+def normalization_table(mean=MEAN, std=STD, dtype=torch.float32, device="cpu"):
+    """The (3, 256) normalized value of each byte value per channel in ``dtype``, for the
+    compiled op: :func:`normalize`'s arithmetic in fp32 (in fp64 for fp64), converted once for
+    fp16 and bf16, as ``preprocess(image).to(dtype)`` converts."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    pixels = torch.arange(256, dtype=compute).expand(3, 1, 256).contiguous()
+    values = normalize(pixels, mean, std).reshape(3, 256)
+    return values.to(dtype=dtype, device=device).contiguous()
 
-    def __init__(self, n_px, mean=MEAN, std=STD):
+
+def _probe_images():
+    """Small images that take each of Pillow's resize paths: down- and upscaling, each pass
+    order, one axis only, premultiplied alpha, grey."""
+    rng = np.random.default_rng(0)
+    probes = []
+    for mode, (width, height) in (("RGB", (61, 47)), ("RGB", (20, 90)), ("RGB", (9, 13)),
+                                  ("RGBA", (40, 33)), ("RGBA", (17, 80)), ("L", (33, 28)),
+                                  ("LA", (25, 31)), ("RGB", (24, 100)), ("RGB", (16, 40))):
+        data = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+        data[..., 3] = rng.integers(0, 4, (height, width)) * 85  # alpha 0, 85, 170 and 255
+        probes.append(Image.fromarray(data, "RGBA").convert(mode))
+    return probes
+
+
+@functools.lru_cache(maxsize=None)
+def fused_agrees_with_pillow():
+    """Whether the compiled op gives the installed Pillow's bytes on probe images: checked
+    once per process (a few milliseconds); warns and returns False where it does not."""
+    if not fused.available("cpu"):
+        return False
+    identity = torch.arange(256, dtype=torch.float32).expand(3, 256).contiguous()
+    for image in _probe_images():
+        for size in (16, 24, 7):
+            width, height = image.size
+            new_width, new_height = resized_size(width, height, size)
+            expected = np.asarray(resize_shorter_side(image, size).convert("RGB"))
+            got = torch.empty(3, new_height, new_width)
+            pixels, owner = fused.pixels(image)
+            fused.resize_crop_normalize(pixels, (new_height, new_width), identity, got,
+                                        fused.vertical_first(width, height, new_width,
+                                                             new_height))
+            del owner
+            if not np.array_equal(got.permute(1, 2, 0).numpy(), expected):
+                import warnings
+                warnings.warn(
+                    f"fastclip's compiled preprocessing does not match the installed Pillow "
+                    f"{Image.__version__} (a {image.mode} {width}x{height} image resized to "
+                    f"{new_width}x{new_height}); preprocessing runs PIL's calls instead, "
+                    "which is slower. Please report it with your Pillow version.",
+                    RuntimeWarning, stacklevel=2)
+                return False
+    return True
+
+
+class Preprocess:
+    """OpenAI's CLIP preprocessing for a PIL image of any mode and size.
+
+    ``fused``: use the compiled op where it applies (the default, None: where it is built and
+    matches the installed Pillow, unless the environment sets ``FASTCLIP_PREPROCESS=pil``),
+    or never (False).
+    """
+
+    def __init__(self, n_px, mean=MEAN, std=STD, fused=None):
         self.n_px = n_px
-        self.mean = mean
-        self.std = std
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.fused = fused
+
+    @property
+    def path(self):
+        """``"compiled op"`` or ``"PIL"``: what preprocesses the images the op takes."""
+        wanted = (self.fused if self.fused is not None
+                  else os.environ.get("FASTCLIP_PREPROCESS", "").lower() != "pil")
+        usable = wanted and fused_agrees_with_pillow()
+        return "compiled op" if usable else "PIL"
 
     def __call__(self, image):
+        out = torch.empty(3, self.n_px, self.n_px, dtype=torch.get_default_dtype())
+        return self.into(image, out)
+
+    def into(self, image, out):
+        """Preprocess ``image`` into ``out``, a (3, n_px, n_px) float tensor (a row of a
+        batch, say), converting to ``out``'s dtype at the end as ``tensor.to`` would;
+        returns ``out``."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"preprocess expects a PIL image, got {type(image).__name__}; "
                             "open files with PIL.Image.open first.")
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (3, self.n_px, self.n_px):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"preprocess: out must be a (3, {self.n_px}, {self.n_px}) tensor; "
+                             f"got {shape}.")
+        if (image.mode in fused.MODES and out.device.type == "cpu"
+                and out.dtype in fused.DTYPES and self.path == "compiled op"):
+            width, height = image.size
+            new_width, new_height = resized_size(width, height, self.n_px)
+            pixels, owner = fused.pixels(image)
+            fused.resize_crop_normalize(
+                pixels, (new_height, new_width),
+                normalization_table(self.mean, self.std, out.dtype), out,
+                fused.vertical_first(width, height, new_width, new_height))
+            del owner  # the image's memory, which pixels may view, was kept alive until here
+            return out
+        return out.copy_(self.reference(image))
+
+    def reference(self, image):
+        """PIL's calls in OpenAI's order: the path for every mode, and the op's reference."""
         image = center_crop(resize_shorter_side(image, self.n_px), self.n_px)
         return to_normalized_tensor(image.convert("RGB"), self.mean, self.std)
 

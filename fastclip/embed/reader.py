@@ -136,10 +136,11 @@ def sample_caption(fields, caption_key=DEFAULT_CAPTION_KEY):
     return value.decode("utf-8", errors="replace").strip()
 
 
-def preprocess_bounded(preprocess, image, max_pixels):
-    """``preprocess(image)``, refused when the resize alone would exceed ``max_pixels``: an
-    extreme aspect ratio (1 x 400,000 pixels) passes the limit as it is, but not once its
-    shorter side is resized to the model's size; a MemoryError is this input's failure."""
+def preprocess_bounded(preprocess, image, max_pixels, out=None):
+    """``preprocess(image)`` (into ``out`` when given), refused when the resize alone would
+    exceed ``max_pixels``: an extreme aspect ratio (1 x 400,000 pixels) passes the limit as it
+    is, but not once its shorter side is resized to the model's size; a MemoryError is this
+    input's failure."""
     width, height = image.size
     new_width, new_height = resized_size(width, height, preprocess.n_px)
     if new_width * new_height > max_pixels:
@@ -147,7 +148,7 @@ def preprocess_bounded(preprocess, image, max_pixels):
                          f"{new_width}x{new_height} = {new_width * new_height} pixels, more "
                          f"than the limit of {max_pixels}")
     try:
-        return preprocess(image)
+        return preprocess(image) if out is None else preprocess.into(image, out)
     except MemoryError:
         raise InputError(f"out of memory preprocessing a {width}x{height} image") from None
 
@@ -205,14 +206,19 @@ class EmbedDataset(IterableDataset):
 
     def _batches(self, chunk, samples, first_piece=0, last=True):
         """Batches of ``batch_size`` good rows from ``samples``; the final one says whether it
-        ends the chunk (``last``). Each batch carries its ``piece`` number in the chunk."""
+        ends the chunk (``last``). Each batch carries its ``piece`` number in the chunk.
+
+        Images are preprocessed in place into the rows of a batch tensor (``_sample`` takes
+        the next free row), which is sent as it is: no per-image tensor is stacked."""
         rows, images, failures, inputs = [], [], [], 0
         piece = first_piece
+        self._new_buffer()
         for row, image, reason in samples:
             if len(rows) == self.batch_size:  # full, and more input follows
                 yield self._batch(chunk, piece, rows, images, failures, inputs, last=False)
                 rows, images, failures, inputs = [], [], [], 0
                 piece += 1
+                image = self._carry_over(image)
             inputs += 1
             if reason is None:
                 rows.append(row)
@@ -220,6 +226,23 @@ class EmbedDataset(IterableDataset):
             else:
                 failures.append({"key": row["key"], "reason": reason, "shard": chunk.index})
         yield self._batch(chunk, piece, rows, images, failures, inputs, last=last)
+
+    def _new_buffer(self):
+        # One row more than a batch: the sample read when a batch is full lands there, and
+        # moves to the next batch's first row.
+        n_px = self.preprocess.n_px
+        self._buffer = (torch.empty(self.batch_size + 1, 3, n_px, n_px)
+                        if self.embed_images else None)
+        self._filled = 0
+
+    def _carry_over(self, image):
+        previous, filled = self._buffer, self._filled
+        self._new_buffer()
+        if image is not None and image.dim() == 3:  # preprocessed: the last row filled
+            self._buffer[0].copy_(previous[filled - 1])
+            self._filled = 1
+            return self._buffer[0]
+        return image
 
     def _listed_samples(self, items):
         for item in items:
@@ -262,12 +285,11 @@ class EmbedDataset(IterableDataset):
                     image = device_decode.device_decodable(data, self.max_pixels)
                 if image is None:
                     image = preprocess_bounded(self.preprocess, decode_image(data, self.max_pixels),
-                                               self.max_pixels)
+                                               self.max_pixels, self._buffer[self._filled])
+                    self._filled += 1
         except InputError as error:
             return row, None, str(error)
         return row, image, None
-
-
 
     def _batch(self, chunk, piece, rows, images, failures, inputs, last):
         jpegs = []
@@ -282,7 +304,8 @@ class EmbedDataset(IterableDataset):
         return {
             "chunk": chunk.index, "piece": piece, "last": last, "inputs": inputs, "rows": rows,
             "failures": failures, "jpegs": jpegs or None,
-            "images": torch.stack(images) if self.embed_images and images else None,
+            # The preprocessed images are the buffer's first rows, in order.
+            "images": self._buffer[:len(images)] if self.embed_images and images else None,
             # Texts longer than the context are cut (and end with end-of-text), as
             # clip-retrieval does, rather than failing the whole row.
             "tokens": (tokenize(texts, self.context_length, truncate=True)

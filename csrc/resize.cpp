@@ -1,0 +1,415 @@
+// fastclip::resize_crop_normalize: the op's schema, its input checks and its CPU kernels (the
+// CUDA kernels live in resize_cuda.cu). See resize.h for the arithmetic and the plan.
+//
+// The CPU kernels are plain loops over fixed lane counts, compiled three times: for AVX-512,
+// for AVX2 and for any x86-64 (or any other CPU), and chosen at run time by what the CPU
+// supports. Everything is integer arithmetic, so the three give the same bytes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstring>
+#include <optional>
+#include <string>
+
+#include "resize.h"
+#include "resize_op.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define FASTCLIP_X86 1
+#define FASTCLIP_TARGET(isa) __attribute__((target(isa)))
+#else
+#define FASTCLIP_X86 0
+#define FASTCLIP_TARGET(isa)
+#endif
+#if defined(__GNUC__)
+#define FASTCLIP_INLINE inline __attribute__((always_inline))
+#else
+#define FASTCLIP_INLINE inline
+#endif
+
+namespace fastclip {
+namespace resize {
+
+namespace {
+
+constexpr const char* kOp = "fastclip::resize_crop_normalize";
+
+struct Pixels {  // one image's bytes: pixel (y, x) channel c at data + y*sy + x*sx + c*sc
+  const uint8_t* data;
+  int64_t sy, sx, sc;
+};
+
+template <int C>
+FASTCLIP_INLINE void load_pixel(const uint8_t* px, int64_t sc, bool premultiplied,
+                                uint8_t* dst) {
+  if constexpr (C == 2 || C == 4) {
+    if (premultiplied) {
+      const uint32_t alpha = px[(C - 1) * sc];
+      for (int c = 0; c < C - 1; ++c) dst[c] = premultiply(px[c * sc], alpha);
+      dst[C - 1] = static_cast<uint8_t>(alpha);
+      return;
+    }
+  }
+  if (sc == 1) {
+    std::memcpy(dst, px, C);
+  } else {
+    for (int c = 0; c < C; ++c) dst[c] = px[c * sc];
+  }
+}
+
+// Lanes of the vertical pass kept in registers across its taps; rows of the horizontal
+// pass's output are padded to a multiple of it.
+constexpr int64_t kChunk = 32;
+
+inline int64_t padded_row(int64_t row_len) { return (row_len + kChunk - 1) / kChunk * kChunk; }
+
+// The horizontal pass into temp (temp_rows rows of padded_row(kept_cols * C) bytes). Rows are
+// filtered 16 at a time from a transposed block [input column][row][channel], so that every
+// tap is one multiply-add over 16 * C contiguous lanes.
+template <int C>
+FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* temp) {
+  const int64_t cols = p.kept_cols(), rows = p.temp_rows();
+  const int64_t stride = padded_row(cols * C);
+  if (!p.need_h) {  // the columns as they are (premultiplied where Pillow premultiplies)
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* row = in.data + (p.in_row0 + r) * in.sy + p.col0 * in.sx;
+      uint8_t* dst = temp + r * stride;
+      if (!p.premultiplied && in.sc == 1 && in.sx == C) {
+        std::memcpy(dst, row, cols * C);
+      } else {
+        for (int64_t j = 0; j < cols; ++j)
+          load_pixel<C>(row + j * in.sx, in.sc, p.premultiplied, dst + j * C);
+      }
+    }
+    return;
+  }
+  constexpr int kRows = 16, kLanes = kRows * C;
+  const int64_t span = p.in_col1 - p.in_col0, ksize = p.h.ksize;
+  std::vector<uint8_t> block(span * kLanes, 0);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const int64_t nr = std::min<int64_t>(kRows, rows - r0);
+    // The block is read along the image's contiguous axis: its rows, or (for the
+    // vertical-first order, on the transposed image) its columns. Sizes and strides are
+    // copied to locals, which the byte stores cannot alias.
+    const int64_t sy = in.sy, sx = in.sx, sc = in.sc;
+    const bool premultiplied = p.premultiplied;
+    const uint8_t* first = in.data + (p.in_row0 + r0) * sy + p.in_col0 * sx;
+    uint8_t* __restrict__ out = block.data();
+    if (sx <= sy) {
+      for (int64_t r = 0; r < nr; ++r) {
+        const uint8_t* row = first + r * sy;
+        if (sc == 1 && !premultiplied) {
+          for (int64_t x = 0; x < span; ++x)
+            std::memcpy(out + x * kLanes + r * C, row + x * sx, C);
+        } else {
+          for (int64_t x = 0; x < span; ++x)
+            load_pixel<C>(row + x * sx, sc, premultiplied, out + x * kLanes + r * C);
+        }
+      }
+    } else {
+      for (int64_t x = 0; x < span; ++x) {
+        const uint8_t* column = first + x * sx;
+        for (int64_t r = 0; r < nr; ++r)
+          load_pixel<C>(column + r * sy, sc, premultiplied, out + x * kLanes + r * C);
+      }
+    }
+    const int32_t* starts = p.h.start.data();
+    const int32_t* tap_counts = p.h.taps.data();
+    const int32_t* all_weights = p.h.weights.data();
+    const int64_t in_col0 = p.in_col0;
+    for (int64_t j = 0; j < cols; ++j) {
+      int32_t acc[kLanes];
+      for (int l = 0; l < kLanes; ++l) acc[l] = kHalf;
+      const uint8_t* src = block.data() + (starts[j] - in_col0) * kLanes;
+      const int32_t* weights = all_weights + j * ksize;
+      const int taps = tap_counts[j];
+      for (int t = 0; t < taps; ++t) {
+        const int32_t w = weights[t];
+        const uint8_t* s = src + t * kLanes;
+        for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<int32_t>(s[l]) * w;
+      }
+      uint8_t packed[kLanes];
+      for (int l = 0; l < kLanes; ++l) packed[l] = clip8(acc[l]);
+      uint8_t* dst = temp + r0 * stride + j * C;
+      for (int64_t r = 0; r < nr; ++r) std::memcpy(dst + r * stride, packed + r * C, C);
+    }
+  }
+}
+
+// The vertical pass of one kept row into line, kChunk lanes at a time with the sums in
+// registers across the taps. Both rows are padded to a multiple of kChunk.
+FASTCLIP_INLINE void vertical_row(const Plan& p, int64_t j, const uint8_t* __restrict__ temp,
+                                  uint8_t* __restrict__ line, int64_t stride) {
+  const int32_t* weights = &p.v.weights[j * p.v.ksize];
+  const uint8_t* base = temp + (p.v.start[j] - p.in_row0) * stride;
+  const int taps = p.v.taps[j];
+  for (int64_t i0 = 0; i0 < stride; i0 += kChunk) {
+    int32_t acc[kChunk];
+    for (int l = 0; l < kChunk; ++l) acc[l] = kHalf;
+    for (int t = 0; t < taps; ++t) {
+      const int32_t w = weights[t];
+      const uint8_t* s = base + t * stride + i0;
+      for (int l = 0; l < kChunk; ++l) acc[l] += static_cast<int32_t>(s[l]) * w;
+    }
+    for (int l = 0; l < kChunk; ++l) line[i0 + l] = clip8(acc[l]);
+  }
+}
+
+// Pixels [x0, x1) of a row of out from the row's bytes (the image's pixel x0 first): each to
+// RGB (alpha undone and dropped, grey repeated) and through the table.
+template <int C, bool kPremultiplied, typename T>
+FASTCLIP_INLINE void write_pixels(const uint8_t* src, const T* table, T* o0, T* o1, T* o2,
+                                  int64_t x0, int64_t x1, int64_t step) {
+  const T* t0 = table;
+  const T* t1 = table + 256;
+  const T* t2 = table + 512;
+  for (int64_t x = x0; x < x1; ++x, src += C) {
+    uint32_t r, g, b;
+    if constexpr (C <= 2) {
+      r = g = b = kPremultiplied ? unpremultiply(src[0], src[1]) : src[0];
+    } else if constexpr (kPremultiplied) {
+      r = unpremultiply(src[0], src[3]);
+      g = unpremultiply(src[1], src[3]);
+      b = unpremultiply(src[2], src[3]);
+    } else {
+      r = src[0], g = src[1], b = src[2];
+    }
+    o0[x * step] = t0[r];
+    o1[x * step] = t1[g];
+    o2[x * step] = t2[b];
+  }
+}
+
+// The vertical pass, then each kept pixel to RGB and through the table into out
+// (3, out_h, out_w); the crop's cells outside the image are zero pixels. T is an unsigned
+// integer of the output element's size: values are only copied.
+template <int C, typename T>
+FASTCLIP_INLINE void vertical_and_write(const Plan& p, const uint8_t* temp, const T* table,
+                                        T* out, const int64_t* so) {
+  const int64_t stride = padded_row(p.kept_cols() * C);
+  std::vector<uint8_t> line(p.need_v ? stride : 0);
+  const T zero[3] = {table[0], table[256], table[512]};
+  // Columns [x0, x1) of out show the image; the rest are padding.
+  const int64_t x0 = std::clamp<int64_t>(p.col0 - p.left, 0, p.out_w);
+  const int64_t x1 = std::clamp<int64_t>(p.col1 - p.left, x0, p.out_w);
+  for (int64_t y = 0; y < p.out_h; ++y) {
+    const int64_t yy = p.top + y;
+    T* o[3] = {out + y * so[1], out + y * so[1] + so[0], out + y * so[1] + 2 * so[0]};
+    const bool inside = yy >= p.row0 && yy < p.row1 && x1 > x0;
+    for (int c = 0; c < 3; ++c) {
+      for (int64_t x = 0; x < (inside ? x0 : p.out_w); ++x) o[c][x * so[2]] = zero[c];
+      if (inside)
+        for (int64_t x = x1; x < p.out_w; ++x) o[c][x * so[2]] = zero[c];
+    }
+    if (!inside) continue;
+    const uint8_t* src;
+    if (p.need_v) {
+      vertical_row(p, yy - p.row0, temp, line.data(), stride);
+      src = line.data();
+    } else {
+      src = temp + (yy - p.in_row0) * stride;
+    }
+    if (p.premultiplied)
+      write_pixels<C, true>(src, table, o[0], o[1], o[2], x0, x1, so[2]);
+    else
+      write_pixels<C, false>(src, table, o[0], o[1], o[2], x0, x1, so[2]);
+  }
+}
+
+template <int C, typename T>
+FASTCLIP_INLINE void run_image(const Plan& p, const Pixels& in, const void* table, void* out,
+                               const int64_t* so) {
+  std::vector<uint8_t> temp(p.temp_rows() * padded_row(p.kept_cols() * C));
+  if (!temp.empty()) horizontal_pass<C>(p, in, temp.data());
+  vertical_and_write<C, T>(p, temp.data(), static_cast<const T*>(table), static_cast<T*>(out),
+                           so);
+}
+
+template <typename T>
+FASTCLIP_INLINE void run_channels(const Plan& p, const Pixels& in, const void* table,
+                                  void* out, const int64_t* so) {
+  switch (p.channels) {
+    case 1: run_image<1, T>(p, in, table, out, so); break;
+    case 2: run_image<2, T>(p, in, table, out, so); break;
+    case 3: run_image<3, T>(p, in, table, out, so); break;
+    default: run_image<4, T>(p, in, table, out, so); break;
+  }
+}
+
+FASTCLIP_INLINE void run_any(const Plan& p, const Pixels& in, const void* table, void* out,
+                             const int64_t* so, int64_t element_size) {
+  switch (element_size) {
+    case 2: run_channels<uint16_t>(p, in, table, out, so); break;
+    case 4: run_channels<uint32_t>(p, in, table, out, so); break;
+    default: run_channels<uint64_t>(p, in, table, out, so); break;
+  }
+}
+
+using Runner = void (*)(const Plan&, const Pixels&, const void*, void*, const int64_t*,
+                        int64_t);
+
+void run_portable(const Plan& p, const Pixels& in, const void* table, void* out,
+                  const int64_t* so, int64_t element_size) {
+  run_any(p, in, table, out, so, element_size);
+}
+
+#if FASTCLIP_X86
+FASTCLIP_TARGET("avx2")
+void run_avx2(const Plan& p, const Pixels& in, const void* table, void* out, const int64_t* so,
+              int64_t element_size) {
+  run_any(p, in, table, out, so, element_size);
+}
+
+FASTCLIP_TARGET("avx512f,avx512bw")
+void run_avx512(const Plan& p, const Pixels& in, const void* table, void* out,
+                const int64_t* so, int64_t element_size) {
+  run_any(p, in, table, out, so, element_size);
+}
+#endif
+
+struct Isa {
+  const char* name;
+  Runner run;
+  bool (*supported)();
+};
+
+const Isa kIsas[] = {
+#if FASTCLIP_X86
+    {"avx512", run_avx512,
+     [] { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"); }},
+    {"avx2", run_avx2, [] { return static_cast<bool>(__builtin_cpu_supports("avx2")); }},
+#endif
+    {"portable", run_portable, [] { return true; }},
+};
+
+int best_isa() {
+  int i = 0;
+  while (!kIsas[i].supported()) ++i;
+  return i;
+}
+
+std::atomic<int> g_isa{best_isa()};
+
+// The instruction set the CPU kernels use; with `use`, switches to it first ("best" picks
+// the best the CPU supports). For tests and benchmarks of each compiled variant.
+std::string preprocess_isa(std::optional<std::string> use) {
+  if (use) {
+    int chosen = -1;
+    const int count = static_cast<int>(sizeof(kIsas) / sizeof(kIsas[0]));
+    if (*use == "best") chosen = best_isa();
+    for (int i = 0; i < count && chosen < 0; ++i)
+      if (*use == kIsas[i].name) chosen = i;
+    std::string known = "best";
+    for (int i = 0; i < count; ++i) known += std::string(", ") + kIsas[i].name;
+    TORCH_CHECK(chosen >= 0, "fastclip::preprocess_isa: unknown instruction set '", *use,
+                "'; this build has ", known, ".");
+    TORCH_CHECK(kIsas[chosen].supported(), "fastclip::preprocess_isa: this CPU does not "
+                "support ", kIsas[chosen].name, ".");
+    g_isa.store(chosen);
+  }
+  return kIsas[g_isa.load()].name;
+}
+
+void resize_crop_normalize_cpu(const at::Tensor& image, at::IntArrayRef resized,
+                               at::IntArrayRef offset, const at::Tensor& table,
+                               const at::Tensor& out, bool vertical_first) {
+  check_inputs(image, resized, offset, table, out);
+  Oriented o = orient(image, resized, offset, out, vertical_first);
+  const at::Tensor& images = o.images;
+  const at::Tensor& outs = o.outs;
+  const at::Tensor lut = table.contiguous();
+  const Plan plan = make_plan(images.size(1), images.size(2), images.size(3), o.resized[0],
+                              o.resized[1], o.offset[0], o.offset[1], outs.size(2),
+                              outs.size(3));
+  const Runner run = kIsas[g_isa.load()].run;
+  const int64_t element_size = out.element_size();
+  const int64_t so[3] = {outs.stride(1), outs.stride(2), outs.stride(3)};
+  const auto* base = images.data_ptr<uint8_t>();
+  char* out_base = static_cast<char*>(outs.data_ptr());
+  at::parallel_for(0, images.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const Pixels in{base + n * images.stride(0), images.stride(1), images.stride(2),
+                      images.stride(3)};
+      run(plan, in, lut.data_ptr(), out_base + n * outs.stride(0) * element_size, so,
+          element_size);
+    }
+  });
+}
+
+}  // namespace
+
+Oriented orient(const at::Tensor& image, at::IntArrayRef resized, at::IntArrayRef offset,
+                const at::Tensor& out, bool vertical_first) {
+  Oriented o;
+  o.images = image.dim() == 4 ? image : image.unsqueeze(0);
+  o.outs = out.dim() == 4 ? out : out.unsqueeze(0);
+  o.resized = {resized[0], resized[1]};
+  o.offset = {offset[0], offset[1]};
+  if (vertical_first) {  // the horizontal-first passes on the transposed image
+    o.images = o.images.transpose(1, 2);
+    o.outs = o.outs.transpose(2, 3);
+    std::swap(o.resized[0], o.resized[1]);
+    std::swap(o.offset[0], o.offset[1]);
+  }
+  return o;
+}
+
+void check_inputs(const at::Tensor& image, at::IntArrayRef resized, at::IntArrayRef offset,
+                  const at::Tensor& table, const at::Tensor& out) {
+  TORCH_CHECK(image.scalar_type() == at::kByte, kOp, ": image must hold 8-bit pixels (uint8); "
+              "got ", image.scalar_type(), ".");
+  TORCH_CHECK(image.dim() == 3 || image.dim() == 4, kOp, ": image must be (H, W, C), or "
+              "(N, H, W, C) for a batch of one size; got shape ", image.sizes(), ".");
+  const int64_t channels = image.size(-1), height = image.size(-3), width = image.size(-2);
+  TORCH_CHECK(channels >= 1 && channels <= 4, kOp, ": image has ", channels, " channels (shape ",
+              image.sizes(), "); it must be (H, W, C) with C = 1 (L), 2 (LA), 3 (RGB) or 4 "
+              "(RGBA). A (C, H, W) image is passed as image.permute(1, 2, 0).");
+  TORCH_CHECK(height >= 1 && width >= 1, kOp, ": image has no pixels (shape ", image.sizes(),
+              ").");
+  TORCH_CHECK(resized.size() == 2 && offset.size() == 2, kOp, ": resized and offset are "
+              "(height, width) and (top, left); got ", resized, " and ", offset, ".");
+  constexpr int64_t kMaxSide = int64_t{1} << 24;
+  TORCH_CHECK(resized[0] >= 1 && resized[1] >= 1, kOp, ": resized size ", resized,
+              " must be positive.");
+  TORCH_CHECK(height <= kMaxSide && width <= kMaxSide && resized[0] <= kMaxSide &&
+                  resized[1] <= kMaxSide,
+              kOp, ": sides over ", kMaxSide, " pixels are not supported (image ",
+              image.sizes(), ", resized ", resized, ").");
+  TORCH_CHECK(std::abs(offset[0]) <= kMaxSide && std::abs(offset[1]) <= kMaxSide, kOp,
+              ": offset ", offset, " is out of range.");
+  TORCH_CHECK(out.dim() == image.dim(), kOp, ": out must be (3, H, W) for an (H, W, C) image "
+              "and (N, 3, H, W) for an (N, H, W, C) batch; got out ", out.sizes(),
+              " for image ", image.sizes(), ".");
+  TORCH_CHECK(out.size(-3) == 3 && out.size(-2) >= 1 && out.size(-1) >= 1, kOp,
+              ": out must have 3 channels first, (3, H, W); got shape ", out.sizes(), ".");
+  TORCH_CHECK(image.dim() == 3 || out.size(0) == image.size(0), kOp, ": out holds ",
+              out.size(0), " images but the batch has ", image.size(0), ".");
+  TORCH_CHECK(out.size(-2) <= kMaxSide && out.size(-1) <= kMaxSide, kOp, ": out ",
+              out.sizes(), " is too large.");
+  const auto dtype = out.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                  dtype == at::kDouble,
+              kOp, ": out must be float32, float16, bfloat16 or float64; got ", dtype, ".");
+  TORCH_CHECK(table.scalar_type() == dtype && table.dim() == 2 && table.size(0) == 3 &&
+                  table.size(1) == 256,
+              kOp, ": table must be the (3, 256) normalized values of each byte in out's dtype ",
+              dtype, "; got ", table.scalar_type(), " of shape ", table.sizes(), ".");
+  TORCH_CHECK(image.device() == out.device() && table.device() == out.device(), kOp,
+              ": image (", image.device(), "), table (", table.device(), ") and out (",
+              out.device(), ") must be on one device.");
+}
+
+TORCH_LIBRARY_FRAGMENT(fastclip, m) {
+  m.def("resize_crop_normalize(Tensor image, int[2] resized, int[2] offset, Tensor table, "
+        "Tensor(a!) out, bool vertical_first=False) -> ()");
+  m.def("preprocess_isa(str? use=None) -> str", &preprocess_isa);
+}
+
+TORCH_LIBRARY_IMPL(fastclip, CPU, m) {
+  m.impl("resize_crop_normalize", &resize_crop_normalize_cpu);
+}
+
+}  // namespace resize
+}  // namespace fastclip

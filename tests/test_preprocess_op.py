@@ -1,0 +1,276 @@
+"""The compiled preprocessing op (``fastclip.ops.preprocess``) against OpenAI's torchvision
+transform, bit for bit, and its input checks."""
+
+import io
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_preprocess import openai_transform, random_image
+
+from fastclip import Preprocess, transform
+from fastclip.images import decode_image
+from fastclip.ops import preprocess as fused
+
+pytestmark = pytest.mark.skipif(not fused.available("cpu"),
+                                reason="fastclip._C is not built")
+
+ALL_MODES = ("1", "L", "P", "RGB", "RGBA", "CMYK", "LA", "I;16", "YCbCr", "RGBX", "I", "F")
+
+
+def photo_like(mode, size, seed):
+    """Smooth content with noise, as photographs have (random bytes alone rarely make the
+    resize overshoot and clip): a small smooth picture scaled up, plus tiled noise, with
+    patches of a flat alpha."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    small = (min(width, rng.integers(2, 40)), min(height, rng.integers(2, 40)))
+    base = Image.fromarray(rng.integers(0, 256, (small[1], small[0], 4), dtype=np.uint8),
+                           "RGBA").resize(size, Image.BILINEAR)
+    noise = np.tile(rng.integers(-25, 26, (64, 64, 4)),
+                    (height // 64 + 1, width // 64 + 1, 1))[:height, :width]
+    data = np.clip(np.asarray(base).astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    data[..., 3] = np.where(rng.random((height, width)) < 0.3, rng.integers(0, 256),
+                            data[..., 3])
+    return Image.fromarray(data, "RGBA").convert(mode)
+
+
+def generated(rng, index):
+    """A random image of the kinds the op must get right: any of the op's modes (and the
+    others, through PIL), 1x1 to 4000x3000, extreme aspect ratios, up- and downscaled."""
+    mode = rng.choice(("RGB", "RGB", "L", "RGBA", "LA") if index % 10 else ALL_MODES)
+    kind = rng.random()
+    if kind < 0.1:
+        size = (rng.randint(1, 12), rng.randint(1, 12))
+    elif kind < 0.2:
+        # (Kept to sizes whose full resize, which the reference computes, stays affordable.)
+        size = rng.choice([(1, rng.randint(1, 60)), (rng.randint(1, 250), 2),
+                           (rng.randint(8, 30), rng.randint(300, 1000))])
+    elif kind < 0.95:
+        size = (rng.randint(1, 700), rng.randint(1, 700))
+    else:
+        size = (rng.randint(700, 4000), rng.randint(700, 3000))
+    if mode in fused.MODES and rng.random() < 0.6:
+        return photo_like(mode, size, index)
+    if mode in ("YCbCr", "RGBX", "I", "F"):
+        return random_image("RGB", size, index).convert(mode)
+    return random_image(mode, size, index)
+
+
+def assert_identical(expected, got, what):
+    if not torch.equal(expected, got):
+        difference = (expected.float() - got.float()).abs()
+        worst = np.unravel_index(int(difference.argmax()), difference.shape)
+        raise AssertionError(f"{what}: {int((difference > 0).sum())} elements differ, the "
+                             f"worst by {float(difference.max()):.4g} at {tuple(worst)}")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_identical_to_openai_on_generated_images(seed):
+    rng = random.Random(seed)
+    for index in range(1000):
+        image = generated(rng, seed * 10_000 + index)
+        n_px = rng.choice((224, 224, 336, 288, 64, 7, 1))
+        assert_identical(openai_transform(n_px)(image), Preprocess(n_px)(image),
+                         f"{image.mode} {image.size} at {n_px}")
+
+
+@pytest.mark.parametrize("form", ["JPEG", "PNG"])
+def test_identical_on_decoded_files(form):
+    rng = random.Random(3)
+    for index in range(60):
+        mode = rng.choice(("RGB", "L") if form == "JPEG" else ("RGB", "L", "RGBA", "LA", "P"))
+        image = photo_like("RGB" if mode == "P" else mode,
+                           (rng.randint(1, 900), rng.randint(1, 900)), index)
+        if mode == "P":
+            image = image.convert("P")
+        buffer = io.BytesIO()
+        image.save(buffer, form, quality=90) if form == "JPEG" else image.save(buffer, form)
+        decoded = decode_image(buffer.getvalue())
+        assert_identical(openai_transform(224)(decoded), Preprocess(224)(decoded),
+                         f"{form} {mode} {image.size}")
+
+
+def test_every_compiled_instruction_set():
+    """The AVX-512, AVX2 and portable builds of the CPU kernels give the same bytes (each one
+    the CPU runs; the portable one always)."""
+    sets = []
+    for isa in ("avx512", "avx2", "portable"):
+        try:
+            sets.append(torch.ops.fastclip.preprocess_isa(isa))
+        except RuntimeError:
+            continue
+    torch.ops.fastclip.preprocess_isa("best")
+    assert "portable" in sets
+    rng = random.Random(5)
+    images = [generated(rng, i) for i in range(100)]
+    expected = [openai_transform(224)(image) for image in images]
+    try:
+        for isa in sets:
+            torch.ops.fastclip.preprocess_isa(isa)
+            for image, reference in zip(images, expected):
+                assert_identical(reference, Preprocess(224)(image),
+                                 f"{isa}: {image.mode} {image.size}")
+    finally:
+        torch.ops.fastclip.preprocess_isa("best")
+
+
+def test_unknown_instruction_set_is_refused():
+    with pytest.raises(RuntimeError, match="unknown instruction set 'sse9'"):
+        torch.ops.fastclip.preprocess_isa("sse9")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_into_other_dtypes(dtype):
+    """Into a half-precision batch: OpenAI's fp32 tensor converted once (what
+    ``encode_image`` does with it); fp64 computes in fp64, as torchvision does."""
+    for index, mode in enumerate(("RGB", "L", "RGBA")):
+        image = photo_like(mode, (300 + 17 * index, 200), index)
+        batch = torch.zeros(2, 3, 224, 224, dtype=dtype)
+        Preprocess(224).into(image, batch[1])
+        if dtype == torch.float64:
+            with torch_default_dtype(torch.float64):
+                expected = openai_transform(224)(image)
+        else:
+            expected = openai_transform(224)(image).to(dtype)
+        assert_identical(expected, batch[1], f"{dtype} {mode}")
+        assert not batch[0].any()
+
+
+class torch_default_dtype:
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.saved)
+
+
+def test_batches_strides_and_channel_first_input():
+    images = [photo_like("RGB", (320, 240), seed) for seed in range(3)]
+    data = torch.stack([torch.from_numpy(np.array(image)) for image in images])  # N, H, W, C
+    expected = torch.stack([openai_transform(224)(image) for image in images])
+    out = torch.empty(3, 3, 224, 224)
+    fused.resize_crop_normalize(data, (224, 298), transform.normalization_table(), out)
+    assert_identical(expected, out, "batch")
+    # A (C, H, W) image (as torchvision decodes) read through a permuted view, written into a
+    # channels-last batch.
+    chw = data[1].permute(2, 0, 1).contiguous()
+    target = torch.empty(1, 224, 224, 3).permute(0, 3, 1, 2)
+    fused.resize_crop_normalize(chw.permute(1, 2, 0), (224, 298),
+                                transform.normalization_table(), target[0])
+    assert_identical(expected[1], target[0], "channels-first input, channels-last output")
+
+
+def test_pass_order_follows_pillow():
+    """A tall image is resized vertically first by Pillow 13 and later: the op follows the
+    installed Pillow, and the other order gives other bytes (so the rule is tested)."""
+    image = photo_like("RGB", (230, 900), 7)
+    width, height = image.size
+    new_width, new_height = transform.resized_size(width, height, 224)
+    expected = np.asarray(image.resize((new_width, new_height), Image.BICUBIC))
+    identity = torch.arange(256, dtype=torch.float32).expand(3, 256).contiguous()
+    pixels, _ = fused.pixels(image)
+    results = {}
+    for vertical in (False, True):
+        got = torch.empty(3, new_height, new_width)
+        fused.resize_crop_normalize(pixels, (new_height, new_width), identity, got, vertical)
+        results[vertical] = np.array_equal(got.permute(1, 2, 0).numpy(), expected)
+    rule = fused.vertical_first(width, height, new_width, new_height)
+    assert rule == (fused.PILLOW_VERSION >= (13, 0))
+    assert results[rule] and not results[not rule]
+
+
+def test_mismatch_with_pillow_falls_back_to_pil(monkeypatch):
+    # The op told the wrong pass order for every image: the probes must catch it.
+    monkeypatch.setattr(fused, "vertical_first", lambda *size: True)
+    transform.fused_agrees_with_pillow.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert Preprocess(224).path == "PIL"
+        assert any("does not match the installed Pillow" in str(w.message) for w in caught)
+        image = photo_like("RGB", (300, 200), 1)
+        assert_identical(openai_transform(224)(image), Preprocess(224)(image), "fallback")
+    finally:
+        transform.fused_agrees_with_pillow.cache_clear()
+    monkeypatch.undo()
+    assert Preprocess(224).path == "compiled op"
+    assert Preprocess(224, fused=False).path == "PIL"
+
+
+def test_images_in_several_blocks_are_copied():
+    """PIL keeps an image over its block size in several blocks, which it cannot export in
+    place: those are copied, and give the same tensor."""
+    image = photo_like("RGB", (3000, 2000), 2)  # 24 MB of RGBX, over PIL's 16 MB blocks
+    tensor, owner = fused._arrow_pixels(image)
+    assert tensor is None
+    small = photo_like("RGB", (300, 200), 2)
+    tensor, owner = fused._arrow_pixels(small)
+    assert tensor is not None and torch.equal(tensor, torch.from_numpy(np.asarray(small)))
+    assert_identical(openai_transform(224)(image), Preprocess(224)(image), "large image")
+
+
+def call(image=None, resized=(4, 4), offset=(0, 0), table=None, out=None, vertical=False):
+    image = torch.zeros(6, 5, 3, dtype=torch.uint8) if image is None else image
+    table = transform.normalization_table() if table is None else table
+    out = torch.empty(3, 4, 4) if out is None else out
+    torch.ops.fastclip.resize_crop_normalize(image, list(resized), list(offset), table, out,
+                                             vertical)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"image": torch.zeros(6, 5, 3)}, "image must hold 8-bit pixels"),
+    ({"image": torch.zeros(6, 5, dtype=torch.uint8)}, r"image must be \(H, W, C\)"),
+    ({"image": torch.zeros(3, 6, 5, dtype=torch.uint8).permute(0, 1, 2)}, "has 5 channels"),
+    ({"image": torch.zeros(0, 5, 3, dtype=torch.uint8)}, "has no pixels"),
+    ({"resized": (0, 4)}, "must be positive"),
+    ({"resized": (1 << 25, 4)}, "are not supported"),
+    ({"out": torch.empty(4, 4, 3)}, "out must have 3 channels first"),
+    ({"out": torch.empty(2, 3, 4, 4)}, r"out must be \(3, H, W\) for an \(H, W, C\) image"),
+    ({"out": torch.empty(3, 4, 4, dtype=torch.int32)}, "out must be float32"),
+    ({"table": torch.zeros(3, 255)}, r"table must be the \(3, 256\)"),
+    ({"table": torch.zeros(3, 256, dtype=torch.float64)}, "table must be"),
+])
+def test_input_errors_name_the_input(arguments, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(**arguments)
+
+
+def test_batch_size_must_match():
+    with pytest.raises(RuntimeError, match="out holds 3 images but the batch has 2"):
+        call(image=torch.zeros(2, 6, 5, 3, dtype=torch.uint8), out=torch.empty(3, 3, 4, 4))
+
+
+def test_preprocess_into_checks_out():
+    with pytest.raises(ValueError, match=r"out must be a \(3, 224, 224\) tensor"):
+        Preprocess(224).into(photo_like("RGB", (20, 20), 0), torch.empty(3, 10, 10))
+
+
+@pytest.mark.skipif(not fused.available("cuda") or not torch.cuda.is_available(),
+                    reason="needs a GPU and fastclip._C's CUDA kernels")
+def test_cuda_kernel_equals_cpu_op():
+    rng = random.Random(9)
+    for index in range(300):
+        image = generated(rng, index)
+        if image.mode not in fused.MODES:
+            continue
+        n_px = rng.choice((224, 336, 7))
+        width, height = image.size
+        new_width, new_height = transform.resized_size(width, height, n_px)
+        vertical = fused.vertical_first(width, height, new_width, new_height)
+        pixels, _ = fused.pixels(image)
+        for dtype in (torch.float32, torch.bfloat16):
+            table = transform.normalization_table(dtype=dtype)
+            cpu = torch.empty(3, n_px, n_px, dtype=dtype)
+            fused.resize_crop_normalize(pixels, (new_height, new_width), table, cpu, vertical)
+            gpu = torch.empty(3, n_px, n_px, dtype=dtype, device="cuda")
+            fused.resize_crop_normalize(pixels.cuda(), (new_height, new_width), table.cuda(),
+                                        gpu, vertical)
+            assert_identical(cpu, gpu.cpu(), f"cuda {image.mode} {image.size} {dtype}")
