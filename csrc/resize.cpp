@@ -85,9 +85,11 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
     }
     return;
   }
-  constexpr int kRows = 16, kLanes = kRows * C;
+  // A block column is kLanes bytes and one spare, which the 4-byte copies below may spill
+  // into.
+  constexpr int kRows = 16, kLanes = kRows * C, kColumn = kLanes + 1;
   const int64_t span = p.in_col1 - p.in_col0, ksize = p.h.ksize;
-  std::vector<uint8_t> block(span * kLanes, 0);
+  std::vector<uint8_t> block(span * kColumn + 4, 0);
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     const int64_t nr = std::min<int64_t>(kRows, rows - r0);
     // The block is read along the image's contiguous axis: its rows, or (for the
@@ -100,19 +102,26 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
     if (sx <= sy) {
       for (int64_t r = 0; r < nr; ++r) {
         const uint8_t* row = first + r * sy;
-        if (sc == 1 && !premultiplied) {
+        if (sc == 1 && !premultiplied && C == 3 && sx >= 3) {
+          // Whole pixels as 4-byte copies: the byte after each pixel is the next one's (or
+          // the spare's) and is written again after; the row's last pixel is read exactly,
+          // since the byte after it may lie past the image.
+          for (int64_t x = 0; x + 1 < span; ++x)
+            std::memcpy(out + x * kColumn + r * C, row + x * sx, 4);
+          std::memcpy(out + (span - 1) * kColumn + r * C, row + (span - 1) * sx, C);
+        } else if (sc == 1 && !premultiplied) {
           for (int64_t x = 0; x < span; ++x)
-            std::memcpy(out + x * kLanes + r * C, row + x * sx, C);
+            std::memcpy(out + x * kColumn + r * C, row + x * sx, C);
         } else {
           for (int64_t x = 0; x < span; ++x)
-            load_pixel<C>(row + x * sx, sc, premultiplied, out + x * kLanes + r * C);
+            load_pixel<C>(row + x * sx, sc, premultiplied, out + x * kColumn + r * C);
         }
       }
     } else {
       for (int64_t x = 0; x < span; ++x) {
         const uint8_t* column = first + x * sx;
         for (int64_t r = 0; r < nr; ++r)
-          load_pixel<C>(column + r * sy, sc, premultiplied, out + x * kLanes + r * C);
+          load_pixel<C>(column + r * sy, sc, premultiplied, out + x * kColumn + r * C);
       }
     }
     const int32_t* starts = p.h.start.data();
@@ -122,12 +131,12 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
     for (int64_t j = 0; j < cols; ++j) {
       int32_t acc[kLanes];
       for (int l = 0; l < kLanes; ++l) acc[l] = kHalf;
-      const uint8_t* src = block.data() + (starts[j] - in_col0) * kLanes;
+      const uint8_t* src = block.data() + (starts[j] - in_col0) * kColumn;
       const int32_t* weights = all_weights + j * ksize;
       const int taps = tap_counts[j];
       for (int t = 0; t < taps; ++t) {
         const int32_t w = weights[t];
-        const uint8_t* s = src + t * kLanes;
+        const uint8_t* s = src + t * kColumn;
         for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<int32_t>(s[l]) * w;
       }
       uint8_t packed[kLanes];
