@@ -65,7 +65,7 @@ def one_thread():
 
 def record(benchmark, rounds, task, size, count, baseline):
     benchmark.extra_info.update(task=task, image=f"{size[0]}x{size[1]}", batch=count,
-                                model="-", dtype="fp32", threads=1,
+                                model=f"{size[0]}x{size[1]} JPEG", dtype="fp32", threads=1,
                                 preprocess_isa=torch.ops.fastclip.preprocess_isa())
     benchmark.extra_info.update(rounds.summary(count, baseline=baseline))
 
@@ -94,7 +94,8 @@ def test_preprocess_decoded_images(benchmark, sizes, size, one_thread):
 
     benchmark.group = f"preprocess decoded {size[0]}x{size[1]}"
     benchmark.pedantic(one_round, rounds=ROUNDS[sizes], iterations=1)
-    record(benchmark, rounds, "preprocess decoded images", size, len(images), "openai")
+    record(benchmark, rounds, "preprocess of decoded images, 1 thread", size, len(images),
+           "openai")
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -122,7 +123,7 @@ def test_decode_and_preprocess(benchmark, sizes, size, one_thread):
 
     benchmark.group = f"decode + preprocess {size[0]}x{size[1]}"
     benchmark.pedantic(one_round, rounds=ROUNDS[sizes], iterations=1)
-    record(benchmark, rounds, "decode + preprocess", size, len(jpegs), "openai")
+    record(benchmark, rounds, "decode + preprocess, 1 thread", size, len(jpegs), "openai")
 
 
 def test_embed_input_ceiling(benchmark, sizes, one_thread):
@@ -163,5 +164,5 @@ def test_embed_input_ceiling(benchmark, sizes, one_thread):
 
         benchmark.group = "embed input ceiling"
         benchmark.pedantic(one_round, rounds=ROUNDS[sizes], iterations=1)
-        record(benchmark, rounds, "embed job, tiny model", (500, 375), count,
-               "fastclip (PIL path)")
+        record(benchmark, rounds, "embed job reading side, random:tiny model, 1 thread",
+               (500, 375), count, "fastclip (PIL path)")

@@ -117,3 +117,23 @@ def test_jpegs_the_device_cannot_decode_fall_back_to_pil(tmp_path, monkeypatch):
 def test_nvjpeg_job_matches_the_pil_path(tmp_path):
     paths, corrupt, outputs = embed_both_ways(tmp_path, "cuda")
     assert_paths_agree(paths, corrupt, outputs)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (48, 40), (300, 900)])
+def test_device_path_gives_the_pil_tensor_for_the_same_pixels(size):
+    """With the compiled op, the --gpu-decode path resizes with Pillow's arithmetic: where the
+    device decoder gives PIL's pixels (libjpeg on the CPU), the tensors are identical."""
+    from fastclip.ops import preprocess as fused
+    if not fused.available("cpu"):
+        pytest.skip("fastclip._C is not built")
+    data = image_bytes(5, size=size)
+    preprocess = Preprocess(64)
+    images, kept, failures = device_decode.device_images(
+        [device_decode.device_decodable(data, 10**7)], preprocess, "cpu", 10**7)
+    assert kept == [0] and not failures
+    decode_jpeg, rgb = device_decode.torchvision_decode_jpeg()
+    decoded = decode_jpeg(device_decode.device_decodable(data, 10**7), mode=rgb)
+    pil = Image.open(io.BytesIO(data)).convert("RGB")
+    if not torch.equal(decoded.permute(1, 2, 0), torch.from_numpy(np.asarray(pil))):
+        pytest.skip("torchvision's libjpeg decodes these pixels otherwise than PIL's")
+    assert torch.equal(images[0], preprocess(pil))

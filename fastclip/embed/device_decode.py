@@ -7,10 +7,14 @@ JPEGs over the pixel limit, and JPEGs that do not end with their end-of-image ma
 (truncated files, which PIL then records as failures). A JPEG the device cannot decode is
 decoded with PIL in the main process, or recorded as a failure.
 
-Not bit-identical to the PIL path: torch's antialiased bicubic resize differs from PIL's by
-about a grey level, and nvjpeg's IDCT from libjpeg's. ``tests/test_embed_device_decode.py``
-measures the cosine between the two paths' embeddings. On the CPU, torchvision decodes with
-libjpeg, the pixels PIL gives, so the same code runs and is tested without a GPU.
+The resize, crop and normalization run the compiled op's kernel for the device
+(``fastclip.ops.preprocess``), Pillow's integer arithmetic: given the same decoded pixels, the
+same tensor as the PIL path. Where the extension lacks that kernel, torch's antialiased
+bicubic resize runs instead, within about a grey level of PIL's. nvjpeg's IDCT may differ from
+libjpeg's by a grey level, so the GPU path is not bit-identical to the PIL path;
+``tests/test_embed_device_decode.py`` measures the cosine between the two paths' embeddings.
+On the CPU, torchvision decodes with libjpeg, the pixels PIL gives, so the same code runs and
+is tested without a GPU (there the two paths agree exactly).
 """
 
 import io
@@ -21,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import InputError, decode_image
-from ..transform import normalize, resized_size
+from ..ops import preprocess as fused
+from ..transform import normalization_table, normalize, resized_size
 
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
@@ -90,15 +95,35 @@ def decode_on_device(encoded, device):
             return decoded
 
 
+def fused_resize_crop(image, preprocess, out):
+    """A decoded ``(3, H, W)`` uint8 image on the device -> ``out``, by the compiled op's
+    kernel for the device: Pillow's arithmetic, so the same decoded pixels give the tensor
+    the PIL path gives."""
+    _, height, width = image.shape
+    new_width, new_height = resized_size(width, height, preprocess.n_px)
+    table = normalization_table(preprocess.mean, preprocess.std, out.dtype, str(out.device))
+    fused.resize_crop_normalize(image.permute(1, 2, 0), (new_height, new_width), table, out,
+                                fused.vertical_first(width, height, new_width, new_height))
+    return out
+
+
 def device_images(jpegs, preprocess, device, max_pixels):
     """Preprocessed images on ``device`` for a batch's JPEGs, the positions that worked, and
-    ``(position, reason)`` for those that neither the device nor PIL could decode."""
+    ``(position, reason)`` for those that neither the device nor PIL could decode. With the
+    compiled op's kernel for the device (and the op matching the installed Pillow), the
+    resize is Pillow's; else torch's antialiased bicubic (within a few grey levels)."""
     decoded = decode_on_device(jpegs, device)
+    n_px = preprocess.n_px
+    exact = fused.available(torch.device(device).type) and preprocess.path == "compiled op"
     images, kept, failures = [], [], []
     for i, data in enumerate(jpegs):
         if i in decoded:
-            images.append(normalize(resize_crop(decoded[i], preprocess.n_px), preprocess.mean,
-                                    preprocess.std))
+            if exact:
+                images.append(fused_resize_crop(decoded[i], preprocess, torch.empty(
+                    3, n_px, n_px, device=device)))
+            else:
+                images.append(normalize(resize_crop(decoded[i], n_px), preprocess.mean,
+                                        preprocess.std))
         else:
             try:
                 image = decode_image(data.numpy().tobytes(), max_pixels)
