@@ -26,6 +26,8 @@ def main(argv):
     problems = []
     if not info["extension"]["cuda"]:
         problems.append(f"fastclip._C has no CUDA kernels ({info['extension']['error']})")
+    if not info["preprocess"].get("cuda"):
+        problems.append(f"the preprocessing op has no CUDA kernel ({info['preprocess']})")
     try:
         model, _ = fastclip.load("random:tiny", device="cuda", backend="triton")
         with torch.no_grad():

@@ -253,6 +253,7 @@ def test_preprocess_into_checks_out():
         Preprocess(224).into(photo_like("RGB", (20, 20), 0), torch.empty(3, 10, 10))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not fused.available("cuda") or not torch.cuda.is_available(),
                     reason="needs a GPU and fastclip._C's CUDA kernels")
 def test_cuda_kernel_equals_cpu_op():
