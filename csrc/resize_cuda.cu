@@ -4,11 +4,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "resize.h"
@@ -123,6 +123,7 @@ void resize_crop_normalize_cuda(const at::Tensor& image, at::IntArrayRef resized
   const Plan p = make_plan(images.size(1), images.size(2), images.size(3), o.resized[0],
                            o.resized[1], o.offset[0], o.offset[1], outs.size(2), outs.size(3));
   const int64_t batch = images.size(0);
+  if (batch * p.out_h * p.out_w == 0) return;  // an empty batch: nothing to launch
   // The weights of both axes in one buffer, copied to the device once.
   std::vector<int32_t> host;
   auto append = [&host](const std::vector<int32_t>& values) {
@@ -133,9 +134,13 @@ void resize_crop_normalize_cuda(const at::Tensor& image, at::IntArrayRef resized
   const int64_t hs = append(p.h.start), ht = append(p.h.taps), hw = append(p.h.weights);
   const int64_t vs = append(p.v.start), vt = append(p.v.taps), vw = append(p.v.weights);
   host.push_back(0);  // never empty
+  // Through pinned memory, without waiting: PyTorch's caching host allocator keeps the
+  // pinned buffer until the copy on this stream has run.
+  at::Tensor pinned = at::empty({static_cast<int64_t>(host.size())},
+                                at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  std::memcpy(pinned.data_ptr<int32_t>(), host.data(), host.size() * sizeof(int32_t));
   const at::Tensor weights =
-      at::from_blob(host.data(), {static_cast<int64_t>(host.size())}, at::kInt)
-          .to(image.device(), /*non_blocking=*/false, /*copy=*/true);
+      pinned.to(at::TensorOptions().device(image.device()), /*non_blocking=*/true);
   const int32_t* wd = weights.data_ptr<int32_t>();
   const Weights h{wd + hs, wd + ht, wd + hw, p.h.ksize};
   const Weights v{wd + vs, wd + vt, wd + vw, p.v.ksize};
@@ -168,7 +173,6 @@ void resize_crop_normalize_cuda(const at::Tensor& image, at::IntArrayRef resized
     default: launch(uint64_t{}); break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // The host weights must outlive the copy: it is synchronous (non_blocking=false).
 }
 
 }  // namespace

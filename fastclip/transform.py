@@ -70,11 +70,12 @@ def to_normalized_tensor(image, mean=MEAN, std=STD):
 
 
 @functools.lru_cache(maxsize=64)
-def normalization_table(mean=MEAN, std=STD, dtype=torch.float32, device="cpu"):
+def normalization_table(mean=MEAN, std=STD, dtype=torch.float32, device="cpu", compute=None):
     """The (3, 256) normalized value of each byte value per channel in ``dtype``, for the
-    compiled op: :func:`normalize`'s arithmetic in fp32 (in fp64 for fp64), converted once for
-    fp16 and bf16, as ``preprocess(image).to(dtype)`` converts."""
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    compiled op: :func:`normalize`'s arithmetic in ``compute`` (by default the default dtype,
+    which torchvision's ToTensor computes in), converted once to ``dtype``, as
+    ``preprocess(image).to(dtype)`` converts."""
+    compute = torch.get_default_dtype() if compute is None else compute
     pixels = torch.arange(256, dtype=compute).expand(3, 1, 256).contiguous()
     values = normalize(pixels, mean, std).reshape(3, 256)
     return values.to(dtype=dtype, device=device).contiguous()
@@ -82,46 +83,91 @@ def normalization_table(mean=MEAN, std=STD, dtype=torch.float32, device="cpu"):
 
 def _probe_images():
     """Small images that take each of Pillow's resize paths: down- and upscaling, each pass
-    order, one axis only, premultiplied alpha, grey."""
+    order (of every rule ``fused.PASS_ORDERS`` knows), one axis only, premultiplied alpha,
+    grey."""
     rng = np.random.default_rng(0)
     probes = []
     for mode, (width, height) in (("RGB", (61, 47)), ("RGB", (20, 90)), ("RGB", (9, 13)),
                                   ("RGBA", (40, 33)), ("RGBA", (17, 80)), ("L", (33, 28)),
-                                  ("LA", (25, 31)), ("RGB", (24, 100)), ("RGB", (16, 40))):
+                                  ("LA", (25, 31)), ("RGB", (24, 100)), ("RGB", (16, 40)),
+                                  ("RGB", (17, 1800))):
         data = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
         data[..., 3] = rng.integers(0, 4, (height, width)) * 85  # alpha 0, 85, 170 and 255
         probes.append(Image.fromarray(data, "RGBA").convert(mode))
     return probes
 
 
-@functools.lru_cache(maxsize=None)
-def fused_agrees_with_pillow():
-    """Whether the compiled op gives the installed Pillow's bytes on probe images: checked
-    once per process (a few milliseconds); warns and returns False where it does not."""
-    if not fused.available("cpu"):
-        return False
-    identity = torch.arange(256, dtype=torch.float32).expand(3, 256).contiguous()
+def _op_matches(expected_of, device="cpu"):
+    """Whether the op gives ``expected_of(image, size)`` ((H, W, 3) uint8) on every probe."""
+    identity = torch.arange(256, dtype=torch.float32).expand(3, 256).contiguous().to(device)
     for image in _probe_images():
         for size in (16, 24, 7):
             width, height = image.size
             new_width, new_height = resized_size(width, height, size)
-            expected = np.asarray(resize_shorter_side(image, size).convert("RGB"))
-            got = torch.empty(3, new_height, new_width)
+            got = torch.empty(3, new_height, new_width, dtype=torch.float32, device=device)
             pixels, owner = fused.pixels(image)
-            fused.resize_crop_normalize(pixels, (new_height, new_width), identity, got,
-                                        fused.vertical_first(width, height, new_width,
-                                                             new_height))
+            fused.resize_crop_normalize(pixels.to(device), (new_height, new_width), identity,
+                                        got, fused.vertical_first(width, height, new_width,
+                                                                  new_height))
             del owner
-            if not np.array_equal(got.permute(1, 2, 0).numpy(), expected):
-                import warnings
-                warnings.warn(
-                    f"fastclip's compiled preprocessing does not match the installed Pillow "
-                    f"{Image.__version__} (a {image.mode} {width}x{height} image resized to "
-                    f"{new_width}x{new_height}); preprocessing runs PIL's calls instead, "
-                    "which is slower. Please report it with your Pillow version.",
-                    RuntimeWarning, stacklevel=2)
-                return False
-    return True
+            if not np.array_equal(got.permute(1, 2, 0).cpu().numpy(),
+                                  expected_of(image, size)):
+                return False, f"a {image.mode} {width}x{height} image resized to {size}"
+    return True, None
+
+
+@functools.lru_cache(maxsize=None)
+def fused_agrees_with_pillow():
+    """Whether the compiled op gives the installed Pillow's bytes on probe images, with one of
+    the pass orders Pillow has had (the one that matches is kept): checked once per process,
+    in a few milliseconds. Warns and returns False where none matches."""
+    if not fused.available("cpu"):
+        return False
+
+    def pillow(image, size):
+        return np.asarray(resize_shorter_side(image, size).convert("RGB"))
+
+    orders = [fused.pass_order()] + [name for name in fused.PASS_ORDERS
+                                     if name != fused.pass_order()]
+    for order in orders:
+        fused.use_pass_order(order)
+        matches, first_difference = _op_matches(pillow)
+        if matches:
+            return True
+        if order == orders[0]:
+            difference = first_difference
+    import warnings
+    warnings.warn(
+        f"fastclip's compiled preprocessing does not match the installed Pillow "
+        f"{Image.__version__} ({difference}); preprocessing runs PIL's calls instead, which is "
+        "slower. Please report it with your Pillow version.", RuntimeWarning, stacklevel=2)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def fused_agrees_on(device):
+    """Whether the op's kernel for ``device`` gives the CPU op's bytes on the probe images
+    (checked once per process and device); warns and returns False where it does not."""
+    if not (fused_agrees_with_pillow() and fused.available(torch.device(device).type)):
+        return False
+
+    def on_cpu(image, size):
+        width, height = image.size
+        new_width, new_height = resized_size(width, height, size)
+        identity = torch.arange(256, dtype=torch.float32).expand(3, 256).contiguous()
+        out = torch.empty(3, new_height, new_width)
+        pixels, _ = fused.pixels(image)
+        fused.resize_crop_normalize(pixels, (new_height, new_width), identity, out,
+                                    fused.vertical_first(width, height, new_width, new_height))
+        return out.permute(1, 2, 0).numpy()
+
+    matches, difference = _op_matches(on_cpu, device)
+    if not matches:
+        import warnings
+        warnings.warn(f"fastclip's preprocessing kernel for {device} differs from its CPU "
+                      f"kernel ({difference}); it is not used. Please report it.",
+                      RuntimeWarning, stacklevel=2)
+    return matches
 
 
 class Preprocess:
@@ -161,14 +207,16 @@ class Preprocess:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"preprocess: out must be a (3, {self.n_px}, {self.n_px}) tensor; "
                              f"got {shape}.")
+        width, height = image.size
+        new_width, new_height = resized_size(width, height, self.n_px)
         if (image.mode in fused.MODES and out.device.type == "cpu"
-                and out.dtype in fused.DTYPES and self.path == "compiled op"):
-            width, height = image.size
-            new_width, new_height = resized_size(width, height, self.n_px)
+                and out.dtype in fused.DTYPES and self.path == "compiled op"
+                and max(width, height, new_width, new_height) <= fused.MAX_SIDE):
             pixels, owner = fused.pixels(image)
             fused.resize_crop_normalize(
                 pixels, (new_height, new_width),
-                normalization_table(self.mean, self.std, out.dtype), out,
+                normalization_table(self.mean, self.std, out.dtype,
+                                    compute=torch.get_default_dtype()), out,
                 fused.vertical_first(width, height, new_width, new_height))
             del owner  # the image's memory, which pixels may view, was kept alive until here
             return out

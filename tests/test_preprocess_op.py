@@ -125,19 +125,26 @@ def test_unknown_instruction_set_is_refused():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_into_other_dtypes(dtype):
-    """Into a half-precision batch: OpenAI's fp32 tensor converted once (what
-    ``encode_image`` does with it); fp64 computes in fp64, as torchvision does."""
-    for index, mode in enumerate(("RGB", "L", "RGBA")):
+    """Into a batch of another dtype: OpenAI's tensor (fp32, the default dtype) converted once
+    (what ``encode_image`` does with it), whichever path computes it."""
+    for index, mode in enumerate(("RGB", "L", "RGBA", "CMYK")):
         image = photo_like(mode, (300 + 17 * index, 200), index)
         batch = torch.zeros(2, 3, 224, 224, dtype=dtype)
         Preprocess(224).into(image, batch[1])
-        if dtype == torch.float64:
-            with torch_default_dtype(torch.float64):
-                expected = openai_transform(224)(image)
-        else:
-            expected = openai_transform(224)(image).to(dtype)
-        assert_identical(expected, batch[1], f"{dtype} {mode}")
+        assert_identical(openai_transform(224)(image).to(dtype), batch[1], f"{dtype} {mode}")
         assert not batch[0].any()
+
+
+def test_default_dtype_float64():
+    """With fp64 as the default dtype, torchvision computes in fp64, and so does the op's
+    table; the check against Pillow runs (first use in the process) without failing."""
+    transform.fused_agrees_with_pillow.cache_clear()
+    with torch_default_dtype(torch.float64):
+        image = photo_like("RGBA", (250, 190), 4)
+        assert Preprocess(224).path == "compiled op"
+        expected = openai_transform(224)(image)
+        assert expected.dtype == torch.float64
+        assert_identical(expected, Preprocess(224)(image), "fp64")
 
 
 class torch_default_dtype:
@@ -169,8 +176,10 @@ def test_batches_strides_and_channel_first_input():
 
 
 def test_pass_order_follows_pillow():
-    """A tall image is resized vertically first by Pillow 13 and later: the op follows the
-    installed Pillow, and the other order gives other bytes (so the rule is tested)."""
+    """A tall image is resized vertically first by Pillow 13: the op follows the order the
+    installed Pillow was found to follow, and the other order gives other bytes (so the rule
+    is tested)."""
+    assert Preprocess(224).path == "compiled op"
     image = photo_like("RGB", (230, 900), 7)
     width, height = image.size
     new_width, new_height = transform.resized_size(width, height, 224)
@@ -183,13 +192,23 @@ def test_pass_order_follows_pillow():
         fused.resize_crop_normalize(pixels, (new_height, new_width), identity, got, vertical)
         results[vertical] = np.array_equal(got.permute(1, 2, 0).numpy(), expected)
     rule = fused.vertical_first(width, height, new_width, new_height)
-    assert rule == (fused.PILLOW_VERSION >= (13, 0))
     assert results[rule] and not results[not rule]
 
 
+def test_pass_order_is_detected():
+    """Told the wrong order, the check against Pillow finds the right one among those
+    Pillow has had."""
+    right = (Preprocess(224).path, fused.pass_order())
+    wrong = next(name for name in fused.PASS_ORDERS if name != right[1])
+    fused.use_pass_order(wrong)
+    transform.fused_agrees_with_pillow.cache_clear()
+    assert (Preprocess(224).path, fused.pass_order()) == right
+
+
 def test_mismatch_with_pillow_falls_back_to_pil(monkeypatch):
-    # The op told the wrong pass order for every image: the probes must catch it.
-    monkeypatch.setattr(fused, "vertical_first", lambda *size: True)
+    # Every order the op knows made wrong: the probes must catch it.
+    monkeypatch.setattr(fused, "PASS_ORDERS", {name: (lambda *size: True)
+                                               for name in fused.PASS_ORDERS})
     transform.fused_agrees_with_pillow.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -199,10 +218,36 @@ def test_mismatch_with_pillow_falls_back_to_pil(monkeypatch):
         image = photo_like("RGB", (300, 200), 1)
         assert_identical(openai_transform(224)(image), Preprocess(224)(image), "fallback")
     finally:
+        monkeypatch.undo()
         transform.fused_agrees_with_pillow.cache_clear()
-    monkeypatch.undo()
     assert Preprocess(224).path == "compiled op"
     assert Preprocess(224, fused=False).path == "PIL"
+
+
+def test_memory_mapped_and_borrowed_images(tmp_path):
+    """Images over memory PIL does not own (a file PIL maps, Image.frombuffer) are copied,
+    not read in place (PIL cannot export them, and their rows may run another way)."""
+    grey = photo_like("L", (301, 257), 3)
+    path = tmp_path / "grey.pgm"
+    grey.save(path)
+    mapped = Image.open(path)
+    mapped.load()
+    assert_identical(openai_transform(224)(grey), Preprocess(224)(mapped), "mapped PGM")
+    data = np.asarray(photo_like("RGBA", (260, 300), 4)).tobytes()
+    borrowed = Image.frombuffer("RGBA", (260, 300), data, "raw", "RGBA", 0, -1)
+    assert_identical(openai_transform(224)(borrowed.copy()), Preprocess(224)(borrowed),
+                     "bottom-up frombuffer")
+
+
+def test_sides_beyond_the_op_take_pils_path(monkeypatch):
+    monkeypatch.setattr(fused, "MAX_SIDE", 100)
+
+    def refused(*args):
+        raise AssertionError("the op was called beyond its limit")
+
+    monkeypatch.setattr(fused, "resize_crop_normalize", refused)
+    image = photo_like("RGB", (300, 200), 5)
+    assert_identical(openai_transform(224)(image), Preprocess(224)(image), "beyond MAX_SIDE")
 
 
 def test_images_in_several_blocks_are_copied():

@@ -8,9 +8,10 @@ JPEGs over the pixel limit, and JPEGs that do not end with their end-of-image ma
 decoded with PIL in the main process, or recorded as a failure.
 
 The resize, crop and normalization run the compiled op's kernel for the device
-(``fastclip.ops.preprocess``), Pillow's integer arithmetic: given the same decoded pixels, the
-same tensor as the PIL path. Where the extension lacks that kernel, torch's antialiased
-bicubic resize runs instead, within about a grey level of PIL's. nvjpeg's IDCT may differ from
+(``fastclip.ops.preprocess``), Pillow's integer arithmetic, once it has given its CPU
+kernel's bytes on probe images in this process: given the same decoded pixels, the same
+tensor as the PIL path. Where the extension lacks that kernel, or it fails the check,
+torch's antialiased bicubic resize runs instead, within about a grey level of PIL's. nvjpeg's IDCT may differ from
 libjpeg's by a grey level, so the GPU path is not bit-identical to the PIL path;
 ``tests/test_embed_device_decode.py`` measures the cosine between the two paths' embeddings.
 On the CPU, torchvision decodes with libjpeg, the pixels PIL gives, so the same code runs and
@@ -26,7 +27,7 @@ from PIL import Image
 
 from ..images import InputError, decode_image
 from ..ops import preprocess as fused
-from ..transform import normalization_table, normalize, resized_size
+from ..transform import fused_agrees_on, normalization_table, normalize, resized_size
 
 JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
@@ -97,11 +98,12 @@ def decode_on_device(encoded, device):
 
 def fused_resize_crop(image, preprocess, out):
     """A decoded ``(3, H, W)`` uint8 image on the device -> ``out``, by the compiled op's
-    kernel for the device: Pillow's arithmetic, so the same decoded pixels give the tensor
-    the PIL path gives."""
+    kernel for the device (checked against its CPU kernel once per process): Pillow's
+    arithmetic, so the same decoded pixels give the tensor the PIL path gives."""
     _, height, width = image.shape
     new_width, new_height = resized_size(width, height, preprocess.n_px)
-    table = normalization_table(preprocess.mean, preprocess.std, out.dtype, str(out.device))
+    table = normalization_table(preprocess.mean, preprocess.std, out.dtype, str(out.device),
+                                torch.get_default_dtype())
     fused.resize_crop_normalize(image.permute(1, 2, 0), (new_height, new_width), table, out,
                                 fused.vertical_first(width, height, new_width, new_height))
     return out
@@ -114,7 +116,7 @@ def device_images(jpegs, preprocess, device, max_pixels):
     resize is Pillow's; else torch's antialiased bicubic (within a few grey levels)."""
     decoded = decode_on_device(jpegs, device)
     n_px = preprocess.n_px
-    exact = fused.available(torch.device(device).type) and preprocess.path == "compiled op"
+    exact = preprocess.path == "compiled op" and fused_agrees_on(str(device))
     images, kept, failures = [], [], []
     for i, data in enumerate(jpegs):
         if i in decoded:

@@ -215,17 +215,20 @@ class EmbedDataset(IterableDataset):
         self._new_buffer()
         for row, image, reason in samples:
             if len(rows) == self.batch_size:  # full, and more input follows
-                yield self._batch(chunk, piece, rows, images, failures, inputs, last=False)
+                full = self._buffer
+                # Before the yield: once yielded, the batch's memory may be moved to shared
+                # memory by the loader's feeder thread, and must not be read here again.
+                image = self._carry_over(image)
+                yield self._batch(chunk, piece, rows, images, failures, inputs, False, full)
                 rows, images, failures, inputs = [], [], [], 0
                 piece += 1
-                image = self._carry_over(image)
             inputs += 1
             if reason is None:
                 rows.append(row)
                 images.append(image)
             else:
                 failures.append({"key": row["key"], "reason": reason, "shard": chunk.index})
-        yield self._batch(chunk, piece, rows, images, failures, inputs, last=last)
+        yield self._batch(chunk, piece, rows, images, failures, inputs, last, self._buffer)
 
     def _new_buffer(self):
         # One row more than a batch: the sample read when a batch is full lands there, and
@@ -291,7 +294,7 @@ class EmbedDataset(IterableDataset):
             return row, None, str(error)
         return row, image, None
 
-    def _batch(self, chunk, piece, rows, images, failures, inputs, last):
+    def _batch(self, chunk, piece, rows, images, failures, inputs, last, buffer):
         jpegs = []
         if self.device_decode and self.embed_images:
             # Preprocessed images first, then the JPEG bytes for the device, rows in step.
@@ -305,7 +308,7 @@ class EmbedDataset(IterableDataset):
             "chunk": chunk.index, "piece": piece, "last": last, "inputs": inputs, "rows": rows,
             "failures": failures, "jpegs": jpegs or None,
             # The preprocessed images are the buffer's first rows, in order.
-            "images": self._buffer[:len(images)] if self.embed_images and images else None,
+            "images": buffer[:len(images)] if self.embed_images and images else None,
             # Texts longer than the context are cut (and end with end-of-text), as
             # clip-retrieval does, rather than failing the whole row.
             "tokens": (tokenize(texts, self.context_length, truncate=True)

@@ -28,6 +28,7 @@ MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 PILLOW_VERSION = tuple(int(part) for part in Image.__version__.split(".")[:2]
                        if part.isdigit())
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # of out
+MAX_SIDE = 1 << 24  # the op's limit on every side, input and resized
 
 
 def available(device_type="cpu"):
@@ -36,13 +37,40 @@ def available(device_type="cpu"):
     return key is not None and extension.has_kernel(OP_NAME, key)
 
 
-def vertical_first(width, height, resized_width, resized_height):
-    """Whether the installed Pillow resizes this image vertically first: since Pillow 13,
-    when the height shrinks by more than twice as many pixels as the width."""
-    if PILLOW_VERSION < (13, 0):
-        return False
+def _pillow13_order(width, height, resized_width, resized_height):
     shrink = height - resized_height
     return shrink > 0 and shrink > 2 * (width - resized_width)
+
+
+def _tall_order(width, height, resized_width, resized_height):
+    return height > 100 * width and resized_height < height
+
+
+# The orders of Pillow's two resize passes that Pillow releases have had, by whether an image
+# is resized vertically first: always horizontally first (before 13); vertically first when
+# the height shrinks by more than twice as many pixels as the width (13, in C); vertically
+# first for images over 100 times as tall as wide (a rule of Pillow's Python code).
+PASS_ORDERS = {
+    "horizontal first": lambda *sizes: False,
+    "pillow 13": _pillow13_order,
+    "tall images vertically first": _tall_order,
+}
+_order = {"name": "pillow 13" if PILLOW_VERSION >= (13, 0) else "horizontal first"}
+
+
+def use_pass_order(name):
+    """Resize with the pass order ``name`` of ``PASS_ORDERS`` (the one the installed Pillow
+    follows, as ``transform`` detects it)."""
+    _order["name"] = name
+
+
+def pass_order():
+    return _order["name"]
+
+
+def vertical_first(width, height, resized_width, resized_height):
+    """Whether the installed Pillow resizes this image vertically first."""
+    return PASS_ORDERS[_order["name"]](width, height, resized_width, resized_height)
 
 
 def _arrow_pixels(image):
@@ -72,7 +100,10 @@ def pixels(image):
     if image.mode not in MODES:
         raise ValueError(f"the op takes PIL modes {', '.join(MODES)}; got {image.mode}")
     image.load()
-    tensor, owner = _arrow_pixels(image)
+    # Images over memory PIL does not own (a memory-mapped file, Image.frombuffer) may have
+    # another row order or stride, and PIL's export does not handle them: those are copied.
+    mapped = getattr(image, "readonly", 0) or getattr(image, "map", None) is not None
+    tensor, owner = (None, None) if mapped else _arrow_pixels(image)
     if tensor is not None:
         return tensor, owner
     array = np.array(image, dtype=np.uint8)  # a copy, writable
