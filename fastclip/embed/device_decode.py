@@ -11,9 +11,10 @@ The resize, crop and normalization run the compiled op's kernel for the device
 (``fastclip.ops.preprocess``), Pillow's integer arithmetic, once it has given its CPU
 kernel's bytes on probe images in this process: given the same decoded pixels, the same
 tensor as the PIL path. Where the extension lacks that kernel, or it fails the check,
-torch's antialiased bicubic resize runs instead, within about a grey level of PIL's. nvjpeg's IDCT may differ from
-libjpeg's by a grey level, so the GPU path is not bit-identical to the PIL path;
-``tests/test_embed_device_decode.py`` measures the cosine between the two paths' embeddings.
+torch's antialiased bicubic resize runs instead, within about a grey level of PIL's.
+nvjpeg's IDCT may differ from libjpeg's by a grey level, so the GPU path is not bit-identical
+to the PIL path; ``tests/test_embed_device_decode.py`` measures the cosine between the two
+paths' embeddings.
 On the CPU, torchvision decodes with libjpeg, the pixels PIL gives, so the same code runs and
 is tested without a GPU (there the two paths agree exactly).
 """
