@@ -320,3 +320,34 @@ def test_cuda_kernel_equals_cpu_op():
             fused.resize_crop_normalize(pixels.cuda(), (new_height, new_width), table.cuda(),
                                         gpu, vertical)
             assert_identical(cpu, gpu.cpu(), f"cuda {image.mode} {image.size} {dtype}")
+
+
+def test_embed_batches_are_filled_in_place(tmp_path):
+    """The embed job's workers preprocess into the batch tensor: each batch's images are its
+    buffer's rows, equal to OpenAI's tensors, across batch boundaries (a tar shard is read in
+    one pass, so the sample read past a full batch opens the next) and failed inputs."""
+    from embed_helpers import write_tar_shard
+
+    from fastclip.embed.plan import plan_job
+    from fastclip.embed.reader import EmbedDataset
+    samples, images = [], {}
+    for i in range(11):
+        if i in (3, 9):
+            samples.append((f"s{i:02d}", {"jpg": b"not an image"}))
+            continue
+        image = photo_like("RGB", (90 + 7 * i, 70), i)
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        samples.append((f"s{i:02d}", {"png": buffer.getvalue()}))
+        images[f"s{i:02d}"] = image
+    shard = tmp_path / "shard.tar"
+    write_tar_shard(shard, samples)
+    plan = plan_job(images=[str(shard)])
+    batches = list(EmbedDataset(plan.chunks, Preprocess(64), 4, True, False))
+    assert [len(batch["rows"]) for batch in batches] == [4, 4, 1]
+    for batch in batches:
+        tensor = batch["images"]
+        assert tensor.untyped_storage().nbytes() == 5 * 3 * 64 * 64 * 4  # the buffer, uncopied
+        for row, image in zip(batch["rows"], tensor):
+            assert_identical(openai_transform(64)(images[row["image_path"]]), image,
+                             row["image_path"])

@@ -173,6 +173,7 @@ class EmbedDataset(IterableDataset):
         self.caption_key = caption_key
         self.device_decode = device_decode
         self.read_timeout = read_timeout
+        self._buffer, self._filled = None, 0  # the batch tensor being filled (_batches)
 
     def units(self):
         """The work of the job as ``(chunk, start, stop)`` units, dealt to the workers in
@@ -238,6 +239,12 @@ class EmbedDataset(IterableDataset):
                         if self.embed_images else None)
         self._filled = 0
 
+    def _free_row(self):
+        """The batch tensor's next free row, or None (samples read outside ``_batches``)."""
+        if self._buffer is None or self._filled >= len(self._buffer):
+            return None
+        return self._buffer[self._filled]
+
     def _carry_over(self, image):
         previous, filled = self._buffer, self._filled
         self._new_buffer()
@@ -287,12 +294,19 @@ class EmbedDataset(IterableDataset):
                     # JPEG bytes, decoded later on the model's device (device_decode.py).
                     image = device_decode.device_decodable(data, self.max_pixels)
                 if image is None:
+                    slot = self._free_row()
                     image = preprocess_bounded(self.preprocess, decode_image(data, self.max_pixels),
-                                               self.max_pixels, self._buffer[self._filled])
-                    self._filled += 1
+                                               self.max_pixels, slot)
+                    self._filled += slot is not None
         except InputError as error:
             return row, None, str(error)
         return row, image, None
+
+    @staticmethod
+    def _stacked(images, buffer):
+        """The batch's images as one tensor: the buffer's first rows, where they were
+        preprocessed into it in order (always, within ``_batches``), else stacked."""
+        return buffer[:len(images)] if _rows_of(images, buffer) else torch.stack(images)
 
     def _batch(self, chunk, piece, rows, images, failures, inputs, last, buffer):
         jpegs = []
@@ -307,13 +321,17 @@ class EmbedDataset(IterableDataset):
         return {
             "chunk": chunk.index, "piece": piece, "last": last, "inputs": inputs, "rows": rows,
             "failures": failures, "jpegs": jpegs or None,
-            # The preprocessed images are the buffer's first rows, in order.
-            "images": buffer[:len(images)] if self.embed_images and images else None,
+            "images": self._stacked(images, buffer) if self.embed_images and images else None,
             # Texts longer than the context are cut (and end with end-of-text), as
             # clip-retrieval does, rather than failing the whole row.
             "tokens": (tokenize(texts, self.context_length, truncate=True)
                        if self.embed_texts and has_rows else None),
         }
+
+
+def _rows_of(images, buffer):
+    return buffer is not None and len(images) <= len(buffer) and all(
+        image.data_ptr() == row.data_ptr() for image, row in zip(images, buffer))
 
 
 def single_thread_worker(worker_id):
