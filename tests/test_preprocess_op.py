@@ -326,10 +326,10 @@ def test_embed_batches_are_filled_in_place(tmp_path):
     """The embed job's workers preprocess into the batch tensor: each batch's images are its
     buffer's rows, equal to OpenAI's tensors, across batch boundaries (a tar shard is read in
     one pass, so the sample read past a full batch opens the next) and failed inputs."""
-    from embed_helpers import write_tar_shard
-
     from fastclip.embed.plan import plan_job
     from fastclip.embed.reader import EmbedDataset
+
+    from embed_helpers import write_tar_shard
     samples, images = [], {}
     for i in range(11):
         if i in (3, 9):
