@@ -10,6 +10,7 @@ mode, where the op is not built, or where it does not match the installed Pillow
 
 import functools
 import os
+import threading
 
 import numpy as np
 import torch
@@ -116,6 +117,9 @@ def _op_matches(expected_of, device="cpu"):
     return True, None
 
 
+_CHECK_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def fused_agrees_with_pillow():
     """Whether the compiled op gives the installed Pillow's bytes on probe images, with one of
@@ -127,15 +131,16 @@ def fused_agrees_with_pillow():
     def pillow(image, size):
         return np.asarray(resize_shorter_side(image, size).convert("RGB"))
 
-    orders = [fused.pass_order()] + [name for name in fused.PASS_ORDERS
-                                     if name != fused.pass_order()]
-    for order in orders:
-        fused.use_pass_order(order)
-        matches, first_difference = _op_matches(pillow)
-        if matches:
-            return True
-        if order == orders[0]:
-            difference = first_difference
+    with _CHECK_LOCK:  # the order is switched while it is tried: one thread at a time
+        orders = [fused.pass_order()] + [name for name in fused.PASS_ORDERS
+                                         if name != fused.pass_order()]
+        for order in orders:
+            fused.use_pass_order(order)
+            matches, first_difference = _op_matches(pillow)
+            if matches:
+                return True
+            if order == orders[0]:
+                difference = first_difference
     import warnings
     warnings.warn(
         f"fastclip's compiled preprocessing does not match the installed Pillow "
