@@ -32,7 +32,9 @@ def add_arguments(parser):
                         help="WebDataset image extensions, in order of preference "
                              "(default: %(default)s)")
     inputs.add_argument("--caption-key", default=DEFAULT_CAPTION_KEY,
-                        help="WebDataset caption extension (default: %(default)s)")
+                        help="WebDataset caption extension, or json:FIELD for a field of "
+                             "the sample's .json (json:caption; a dotted FIELD reads nested "
+                             "objects) (default: %(default)s)")
     inputs.add_argument("--limit", type=int, default=None,
                         help="embed only the first N inputs (file and table sources)")
     inputs.add_argument("--max-bytes", type=int, default=DEFAULTS.max_bytes,

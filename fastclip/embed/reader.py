@@ -10,6 +10,7 @@ Every way an input can be bad raises ``InputError`` (``fastclip.images``), recor
 input's failure; a tar shard cut short keeps the complete samples before the damage.
 """
 
+import json
 import os
 import tarfile
 from functools import partial
@@ -128,12 +129,43 @@ def sample_image(fields, image_keys=DEFAULT_IMAGE_KEYS):
                      f"{', '.join(sorted(fields)) or 'nothing'})")
 
 
+JSON_FIELD = "json:"  # --caption-key json:FIELD: the caption is a field of the sample's .json
+
+
+def caption_extension(caption_key):
+    """The member extension a caption key reads (``json`` for ``json:FIELD``)."""
+    return "json" if caption_key.startswith(JSON_FIELD) else caption_key
+
+
 def sample_caption(fields, caption_key=DEFAULT_CAPTION_KEY):
-    """The caption of a WebDataset sample, or None when it has none."""
-    value = fields.get(caption_key)
+    """The caption of a WebDataset sample, None when it has none, or an :class:`InputError`
+    saying why it cannot be read. ``json:FIELD`` takes the field of the sample's ``.json``
+    (a dotted FIELD walks nested objects, where the whole name is not a key itself)."""
+    value = fields.get(caption_extension(caption_key))
     if value is None or isinstance(value, InputError):
         return None
-    return value.decode("utf-8", errors="replace").strip()
+    text = value.decode("utf-8", errors="replace")
+    if not caption_key.startswith(JSON_FIELD):
+        return text.strip()
+    field = caption_key[len(JSON_FIELD):]
+    try:
+        record = json.loads(text)
+    except ValueError as error:
+        return InputError(f"the sample's .json is not valid JSON ({error})")
+    if isinstance(record, dict) and field in record:
+        value = record[field]
+    else:
+        value = record
+        for part in field.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return None
+            value = value[part]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return InputError(f"the field {field!r} of the sample's .json is not text "
+                          f"(a JSON {type(value).__name__})")
+    return str(value).strip()
 
 
 def preprocess_bounded(preprocess, image, max_pixels, out=None):
@@ -267,7 +299,7 @@ class EmbedDataset(IterableDataset):
     def _samples(self, chunk):
         """``(row, image tensor, failure reason)`` for each sample of a tar shard."""
         try:
-            wanted = {*self.image_keys, self.caption_key}
+            wanted = {*self.image_keys, caption_extension(self.caption_key)}
             seen = set()
             for key, fields in iter_webdataset(chunk.tar_path, self.max_bytes, wanted):
                 if key in seen:
@@ -283,8 +315,12 @@ class EmbedDataset(IterableDataset):
             yield {"key": chunk.tar_path}, None, str(error)
 
     def _sample(self, key, image_path, text, read_bytes):
+        error = text if isinstance(text, InputError) else None
+        text = None if error is not None else text
         row = {"key": key, "image_path": image_path, "caption": text}
         try:
+            if self.embed_texts and error is not None:
+                raise error
             if self.embed_texts and text is None:
                 raise InputError("no text (an empty cell, or no caption in the sample)")
             image = None
