@@ -70,20 +70,18 @@ def record(benchmark, rounds, task, size, count, baseline):
     benchmark.extra_info.update(rounds.summary(count, baseline=baseline))
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_preprocess_decoded_images(benchmark, sizes, size, one_thread):
-    """``preprocess`` on decoded PIL images: the op against OpenAI's transform and against
-    PIL's bicubic resize alone (the part of OpenAI's transform that costs most)."""
+def race_openai(benchmark, sizes, inputs, to_image, third, task, size):
+    """Rounds of OpenAI's transform against ``fastclip.Preprocess`` on ``to_image(x)`` for
+    each of ``inputs``, and a third contender ``third = (name, function)``; every round
+    checks that the two give equal tensors."""
     if not fused.available("cpu"):
         pytest.skip("fastclip._C is not built")
-    images = [decode_image(data) for data in photo_jpegs(IMAGES[sizes], size)]
     openai, ours = openai_transform(224), fastclip.Preprocess(224)
-    resized = fastclip.transform.resized_size(*size, 224)
     outputs = {}
     contenders = {
-        "openai": lambda: outputs.__setitem__("openai", [openai(im) for im in images]),
-        "fastclip": lambda: outputs.__setitem__("fastclip", [ours(im) for im in images]),
-        "PIL resize alone": lambda: [im.resize(resized, Image.BICUBIC) for im in images],
+        "openai": lambda: outputs.__setitem__("openai", [openai(to_image(x)) for x in inputs]),
+        "fastclip": lambda: outputs.__setitem__("fastclip", [ours(to_image(x)) for x in inputs]),
+        third[0]: third[1],
     }
     rounds = Rounds(contenders)
     rounds.warm_up()
@@ -92,38 +90,30 @@ def test_preprocess_decoded_images(benchmark, sizes, size, one_thread):
         rounds.run_round()
         assert all(torch.equal(a, b) for a, b in zip(outputs["openai"], outputs["fastclip"]))
 
-    benchmark.group = f"preprocess decoded {size[0]}x{size[1]}"
+    benchmark.group = f"{task} {size[0]}x{size[1]}"
     benchmark.pedantic(one_round, rounds=ROUNDS[sizes], iterations=1)
-    record(benchmark, rounds, "preprocess of decoded images, 1 thread", size, len(images),
-           "openai")
+    record(benchmark, rounds, f"{task}, 1 thread", size, len(inputs), "openai")
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_preprocess_decoded_images(benchmark, sizes, size, one_thread):
+    """``preprocess`` on decoded PIL images: the op against OpenAI's transform and against
+    PIL's bicubic resize alone (the part of OpenAI's transform that costs most)."""
+    images = [decode_image(data) for data in photo_jpegs(IMAGES[sizes], size)]
+    resized = fastclip.transform.resized_size(*size, 224)
+    race_openai(benchmark, sizes, images, lambda image: image,
+                ("PIL resize alone", lambda: [im.resize(resized, Image.BICUBIC) for im in images]),
+                "preprocess of decoded images", size)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_decode_and_preprocess(benchmark, sizes, size, one_thread):
     """JPEG bytes to the model's input: PIL's decode then the op, against PIL's decode then
     OpenAI's transform (the decode, libjpeg-turbo through PIL, is the same in both)."""
-    if not fused.available("cpu"):
-        pytest.skip("fastclip._C is not built")
     jpegs = photo_jpegs(IMAGES[sizes], size, seed=1)
-    openai, ours = openai_transform(224), fastclip.Preprocess(224)
-    outputs = {}
-    contenders = {
-        "openai": lambda: outputs.__setitem__(
-            "openai", [openai(decode_image(data)) for data in jpegs]),
-        "fastclip": lambda: outputs.__setitem__(
-            "fastclip", [ours(decode_image(data)) for data in jpegs]),
-        "decode alone": lambda: [decode_image(data) for data in jpegs],
-    }
-    rounds = Rounds(contenders)
-    rounds.warm_up()
-
-    def one_round():
-        rounds.run_round()
-        assert all(torch.equal(a, b) for a, b in zip(outputs["openai"], outputs["fastclip"]))
-
-    benchmark.group = f"decode + preprocess {size[0]}x{size[1]}"
-    benchmark.pedantic(one_round, rounds=ROUNDS[sizes], iterations=1)
-    record(benchmark, rounds, "decode + preprocess, 1 thread", size, len(jpegs), "openai")
+    race_openai(benchmark, sizes, jpegs, decode_image,
+                ("decode alone", lambda: [decode_image(data) for data in jpegs]),
+                "decode + preprocess", size)
 
 
 def test_embed_input_ceiling(benchmark, sizes, one_thread):
