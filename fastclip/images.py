@@ -62,14 +62,16 @@ _STALLED = {"count": 0}
 _STALLED_LOCK = threading.Lock()
 
 
-def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None):
+def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
     """The bytes of the file at ``path``. With ``timeout`` (seconds), a read that has not
     finished by then (a stalled network or FUSE mount) is this input's failure; the read is
-    left to finish or block on a thread of its own, and the caller moves on."""
+    left to finish or block on a thread of its own, and the caller moves on. ``read(path,
+    max_bytes)`` reads other storage than local files (an object store's)."""
     if path is None:
         raise InputError("no image path (an empty cell in the table)")
+    read_bytes = read or _read_file
     if timeout is None:
-        return _read_file(path, max_bytes)
+        return read_bytes(path, max_bytes)
     if _STALLED["count"] >= MAX_STALLED_READS:
         raise InputError(f"not read: {_STALLED['count']} earlier reads of this process are "
                          "still stalled, so the storage is not answering")
@@ -78,7 +80,7 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None):
 
     def read():
         try:
-            outcome.append((True, _read_file(path, max_bytes)))
+            outcome.append((True, read_bytes(path, max_bytes)))
         except BaseException as error:  # handed to the caller's thread below
             outcome.append((False, error))
         finally:

@@ -58,10 +58,10 @@ def test_a_kill_before_the_done_marker_leaves_no_stale_shard_after_resume(tmp_pa
     commit = OutputFolder.commit_chunk
 
     def killed_before_the_marker(self, index, *args):
-        monkeypatch.setattr("fastclip.embed.output.write_json", killed)
+        monkeypatch.setattr(OutputFolder, "write_json", killed)
         commit(self, index, *args)
 
-    def killed(path, value):
+    def killed(self, path, value):
         raise SystemExit("killed")  # the process dies here, after the shard's other files
 
     monkeypatch.setattr(OutputFolder, "commit_chunk", killed_before_the_marker)

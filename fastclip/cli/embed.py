@@ -15,11 +15,14 @@ DEFAULTS = EmbedJob(output="")
 def add_arguments(parser):
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--images", nargs="+", default=[], metavar="SRC",
-                        help="image folders, .txt lists of paths, WebDataset .tar shards "
-                             "(globs and brace patterns such as 'shards/{00000..00099}.tar'), "
-                             "or .parquet/.csv tables with an image-path column")
+                        help="image folders, .txt lists of paths or URLs, WebDataset shards "
+                             "(.tar, .tar.gz; globs and brace patterns such as "
+                             "'shards/{00000..00099}.tar'; pipe:COMMAND), or tables (.parquet, "
+                             ".arrow, .csv, a datasets save_to_disk folder) whose image column "
+                             "holds paths, URLs or image bytes; local or URLs (s3://, gs://, "
+                             "hf://, https://, any fsspec protocol)")
     inputs.add_argument("--texts", nargs="+", default=[], metavar="SRC",
-                        help=".txt files (one text per line) or .parquet/.csv tables; with "
+                        help=".txt files (one text per line) or table columns; with "
                              "--images, the i-th text is paired with the i-th image")
     inputs.add_argument("--image-column", default="image_path",
                         help="the image-path column of table inputs (default: image_path)")
@@ -27,7 +30,17 @@ def add_arguments(parser):
                         help="the text column of table inputs (default: caption)")
     inputs.add_argument("--embed-captions", action="store_true",
                         help="also embed the captions of image sources (a tar's caption key, "
-                             "a table's --text-column) into text_emb")
+                             "a table's --text-column, the .txt beside a folder's image) into "
+                             "text_emb")
+    inputs.add_argument("--enable-metadata", action="store_true",
+                        help="carry a table's other columns, and the fields of a sample's "
+                             ".json (or of the .json beside a folder's image), into the "
+                             "metadata parquet")
+    inputs.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                        help="fsspec options for URL inputs and output, as a JSON object, "
+                             "for every protocol or keyed by protocol: "
+                             "'{\"s3\": {\"endpoint_url\": \"http://127.0.0.1:9000\"}}' "
+                             "(credentials also come from the usual environment variables)")
     inputs.add_argument("--image-keys", default=";".join(DEFAULT_IMAGE_KEYS),
                         help="WebDataset image extensions, in order of preference "
                              "(default: %(default)s)")
@@ -49,7 +62,8 @@ def add_arguments(parser):
                              "failures (default: PIL's limit, %(default)s)")
 
     output = parser.add_argument_group("output")
-    output.add_argument("-o", "--output", required=True, help="the output folder")
+    output.add_argument("-o", "--output", required=True,
+                        help="the output folder, local or a URL (s3://bucket/embeddings)")
     output.add_argument("--dtype", choices=list(OUTPUT_DTYPES), default=DEFAULTS.dtype,
                         help="dtype of the stored embeddings (default: fp16)")
     output.add_argument("--normalize", action="store_true", default=True,
@@ -85,6 +99,18 @@ def add_arguments(parser):
                                   "(needs torchvision); not bit-identical to the PIL path")
     run_options.add_argument("--no-progress", dest="progress", action="store_false",
                              help="no progress bar")
+
+
+def _json_object(text):
+    import argparse
+    import json
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object, such as '{\"anon\": true}'")
+    return value
 
 
 def job_from(args):

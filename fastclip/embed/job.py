@@ -38,9 +38,13 @@ class EmbedJob:
     embed_captions: bool = False
     limit: Optional[int] = None
     shard_size: int = 100_000
+    # fsspec's options for URLs (endpoint, credentials): one dict, or one per protocol. Never
+    # recorded (it may hold secrets).
+    storage_options: Optional[dict] = None
     # What decides which inputs fail and how rows are computed.
     image_keys: Tuple[str, ...] = _same_on_resume(DEFAULT_IMAGE_KEYS)
     caption_key: str = _same_on_resume(DEFAULT_CAPTION_KEY)
+    enable_metadata: bool = _same_on_resume(False)  # a table's columns, a sample's .json
     max_pixels: int = _same_on_resume(DEFAULT_MAX_PIXELS)
     max_bytes: int = _same_on_resume(DEFAULT_MAX_BYTES)  # of one file, tar member or sample
     model: str = _same_on_resume("ViT-B/32")
@@ -77,6 +81,9 @@ class EmbedJob:
             raise ValueError("max_bytes and max_pixels must be at least 1.")
         if self.read_timeout is not None and self.read_timeout <= 0:
             raise ValueError(f"read_timeout must be positive (seconds), got {self.read_timeout}.")
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise ValueError("storage_options must be a dict (fsspec's options), got "
+                             f"{type(self.storage_options).__name__}.")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be at least 1, got {self.limit}.")
 

@@ -13,23 +13,27 @@ Layout (N is the chunk index, zero-padded to the same width for every shard)::
     .fastclip/done_{N}.json          written last: shard N is complete
 
 Every file is written under a temporary name and renamed into place, so a reader never
-sees half a file. A shard counts as written only once its ``done`` marker exists; a run
-killed at any moment keeps every complete shard, and ``--resume`` redoes the others
-(replacing any of their files that were renamed into place before the kill), so every input
-ends up in exactly one shard. ``manifest.json`` and ``failures.jsonl`` are assembled from the
-markers once every shard of the plan is done.
+sees half a file; in an object store (``-o s3://bucket/out``), where there is no atomic
+rename, each file is one upload, visible whole or not at all. A shard counts as written
+only once its ``done`` marker exists; a run killed at any moment keeps every complete
+shard, and ``--resume`` redoes the others (replacing any of their files that were put in
+place before the kill), so every input ends up in exactly one shard. ``manifest.json``
+and ``failures.jsonl`` are assembled from the markers once every shard of the plan is
+done.
 """
 
 import json
 import os
 import tempfile
 import time
+import uuid
 
 import numpy as np
 
-from ..files import atomic_write, describe_os_error, is_temporary
+from ..files import describe_os_error, is_temporary
 from .job import EmbedJob
 from .ranks import barrier, grouped, on_rank_zero
+from .storage import output_files
 
 STATE_DIR = ".fastclip"
 
@@ -38,45 +42,51 @@ class OutputError(ValueError):
     """The output folder cannot take the job's files; the message names the path and why."""
 
 
-def write_json(path, value):
-    atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode() + b"\n"))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def _json_bytes(value):
+    return json.dumps(value, indent=2).encode() + b"\n"
 
 
 class OutputFolder:
-    """The files of one job's output folder."""
+    """The files of one job's output folder, local or remote (``storage.output_files``)."""
 
-    def __init__(self, root, name_width):
-        self.root = root
+    def __init__(self, root, name_width, storage_options=None):
+        self.files = output_files(root, storage_options)
+        self.root = self.files.root
         self.width = name_width
+
+    def write_json(self, path, value):
+        self.files.write(path, lambda f: f.write(_json_bytes(value)))
+
+    def read_json(self, path):
+        return json.loads(self.files.read(path))
 
     def name(self, index):
         return str(index).zfill(self.width)
 
     def path(self, kind, index):
         """``kind`` is ``img_emb``, ``text_emb``, ``metadata``, ``failures`` or ``done``."""
+        join = self.files.join
         if kind in ("img_emb", "text_emb"):
-            return os.path.join(self.root, kind, f"{kind}_{self.name(index)}.npy")
+            return join(self.root, kind, f"{kind}_{self.name(index)}.npy")
         if kind == "metadata":
-            return os.path.join(self.root, kind, f"metadata_{self.name(index)}.parquet")
+            return join(self.root, kind, f"metadata_{self.name(index)}.parquet")
         extension = "jsonl" if kind == "failures" else "json"
-        return os.path.join(self.root, STATE_DIR, f"{kind}_{self.name(index)}.{extension}")
+        return join(self.root, STATE_DIR, f"{kind}_{self.name(index)}.{extension}")
 
     @property
     def plan_path(self):
-        return os.path.join(self.root, STATE_DIR, "plan.json")
+        return self.files.join(self.root, STATE_DIR, "plan.json")
 
     def make_folders(self, embed_images, embed_texts):
         folders = ["metadata", STATE_DIR] + ["img_emb"] * embed_images + ["text_emb"] * embed_texts
         for folder in folders:
-            os.makedirs(os.path.join(self.root, folder), exist_ok=True)
+            self.files.makedirs(self.files.join(self.root, folder))
 
     def remove_temporaries(self):
-        """Delete the temporary files a killed run left (never complete files)."""
+        """Delete the temporary files a killed run left (never complete files; an object
+        store holds none)."""
+        if self.files.remote:
+            return
         for folder, _, names in os.walk(self.root):
             for name in names:
                 if is_temporary(name):
@@ -84,36 +94,35 @@ class OutputFolder:
 
     def done_indices(self):
         """The indices of the shards whose ``done`` marker exists."""
-        state = os.path.join(self.root, STATE_DIR)
-        names = os.listdir(state) if os.path.isdir(state) else []
+        names = self.files.listdir(self.files.join(self.root, STATE_DIR))
         return {int(n[len("done_"):-len(".json")]) for n in names
                 if n.startswith("done_") and n.endswith(".json") and n[5:-5].isdigit()}
 
-    def commit_chunk(self, index, image, text, rows, failures, inputs, columns):
+    def commit_chunk(self, index, image, text, rows, failures, inputs, columns, types=None):
         """Write shard ``index``: embeddings, metadata, failures, then the done marker. Files
         of the shard that this attempt does not write (an earlier attempt's, killed before
         its marker) are removed before the marker, so the marker always describes exactly
         the shard's files."""
-        files = []
+        files, write = [], self.files.write
         if rows:
             for kind, array in (("img_emb", image), ("text_emb", text)):
                 if array is not None:
-                    atomic_write(self.path(kind, index), lambda f, a=array: np.save(f, a))
+                    write(self.path(kind, index), lambda f, a=array: np.save(f, a))
                     files.append(self.path(kind, index))
-            atomic_write(self.path("metadata", index),
-                         lambda f: _write_metadata(f, rows, columns))
+            write(self.path("metadata", index),
+                  lambda f: _write_metadata(f, rows, columns, types))
             files.append(self.path("metadata", index))
         for kind in ("img_emb", "text_emb", "metadata"):
             stale = self.path(kind, index)
-            if stale not in files and os.path.lexists(stale):
-                os.remove(stale)
-        atomic_write(self.path("failures", index),
-                     lambda f: f.write("".join(json.dumps(x) + "\n" for x in failures).encode()))
-        write_json(self.path("done", index), {
+            if stale not in files:
+                self.files.remove(stale)
+        write(self.path("failures", index),
+              lambda f: f.write("".join(json.dumps(x) + "\n" for x in failures).encode()))
+        self.write_json(self.path("done", index), {
             "index": index, "inputs": inputs, "rows": len(rows), "failures": len(failures),
             "images": 0 if image is None else len(rows),
             "texts": 0 if text is None else len(rows),
-            "files": [os.path.relpath(f, self.root) for f in files]})
+            "files": [f[len(self.root):].lstrip("/" + os.sep) for f in files]})
 
     def finalize(self, job, n_chunks, ran=None):
         """Write ``failures.jsonl`` and ``manifest.json`` if every shard is done; return the
@@ -121,14 +130,13 @@ class OutputFolder:
         the ops ran (the triton backend's fallbacks)."""
         if self.done_indices() != set(range(n_chunks)):
             return None
-        markers = [read_json(self.path("done", i)) for i in range(n_chunks)]
+        markers = [self.read_json(self.path("done", i)) for i in range(n_chunks)]
 
         def concatenate_failures(f):
             for i in range(n_chunks):
-                with open(self.path("failures", i), "rb") as part:
-                    f.write(part.read())
+                f.write(self.files.read(self.path("failures", i)))
 
-        atomic_write(os.path.join(self.root, "failures.jsonl"), concatenate_failures)
+        self.files.write(self.files.join(self.root, "failures.jsonl"), concatenate_failures)
         total = lambda field: sum(m[field] for m in markers)  # noqa: E731
         manifest = {
             **job,
@@ -139,16 +147,35 @@ class OutputFolder:
             "failures": total("failures"),
             **(ran or {}),
         }
-        write_json(os.path.join(self.root, "manifest.json"), manifest)
+        self.write_json(self.files.join(self.root, "manifest.json"), manifest)
         return manifest
 
 
-def _write_metadata(f, rows, columns):
+def _write_metadata(f, rows, columns, types=None):
+    """The metadata parquet of a shard: ``columns`` as text, then any other fields the rows
+    carry (``--enable-metadata``), in the order they first appear, typed as their table's
+    column when ``types`` knows it, else as pyarrow infers from the values."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    schema = pa.schema([(column, pa.string()) for column in columns])
-    table = pa.table({c: [row.get(c) for row in rows] for c in columns}, schema=schema)
-    pq.write_table(table, f)
+    arrays = {c: pa.array([row.get(c) for row in rows], pa.string()) for c in columns}
+    extra = dict.fromkeys(name for row in rows for name in row if name not in arrays)
+    for name in extra:
+        values = [row.get(name) for row in rows]
+        arrays[name] = _typed_array(values, (types or {}).get(name))
+    pq.write_table(pa.table(arrays), f)
+
+
+def _typed_array(values, kind):
+    import pyarrow as pa
+    try:
+        return pa.array(values, kind)
+    except (pa.ArrowException, TypeError, ValueError):
+        pass
+    try:
+        return pa.array(values)
+    except (pa.ArrowException, TypeError, ValueError):
+        # Values of mixed types (a number in one .json, text in the next): kept as JSON.
+        return pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
 
 
 def prepare_output(folder, plan, job, resume, ranks):
@@ -159,7 +186,7 @@ def prepare_output(folder, plan, job, resume, ranks):
 
     def decide():
         check_output_is_free(folder, resume)
-        if resume and os.path.exists(folder.plan_path):
+        if resume and folder.files.exists(folder.plan_path):
             _check_same_job(folder, plan, job)
         folder.make_folders(plan.embed_images, plan.embed_texts)
         # A killed run's temporary files are inert (readers open only final names). They are
@@ -167,7 +194,7 @@ def prepare_output(folder, plan, job, resume, ranks):
         # Without a process group, ranks on a resumed job start at once, so they stay.
         if ranks.alone or group:
             folder.remove_temporaries()
-        write_json(folder.plan_path, {"fingerprint": plan.fingerprint,
+        folder.write_json(folder.plan_path, {"fingerprint": plan.fingerprint,
                                       "chunks": len(plan.chunks), "name_width": folder.width,
                                       "job": job})
 
@@ -178,16 +205,16 @@ def prepare_output(folder, plan, job, resume, ranks):
         _check_same_job(folder, plan, job)  # every rank refuses a resume with other settings
 
 
-def recorded_name_width(root, resume):
+def recorded_name_width(root, resume, storage_options=None):
     """The shard-name width of the job a resume completes: its own, so that its shards keep
     their names (jobs begun by versions that did not record it padded ``count - 1``)."""
-    path = os.path.join(root, STATE_DIR, "plan.json")
-    if not resume or not os.path.isfile(path):
+    if not resume:
         return None
+    folder = OutputFolder(root, 0, storage_options)
     try:
-        plan = read_json(path)
+        plan = folder.read_json(folder.plan_path)
     except (OSError, ValueError):
-        return None  # the resume checks report an unreadable plan
+        return None  # no plan yet, or the resume checks report an unreadable one
     if "name_width" in plan:
         return int(plan["name_width"])
     return len(str(max(int(plan.get("chunks", 1)) - 1, 0)))
@@ -196,6 +223,8 @@ def recorded_name_width(root, resume):
 def check_output_is_free(folder, resume):
     """The output folder must be a folder this process can create and write to, and new or
     empty, or hold a job that ``resume`` completes. Checked before any model is loaded."""
+    if folder.files.remote:
+        return _check_remote_output_is_free(folder, resume)
     if os.path.lexists(folder.root) and not os.path.isdir(folder.root):
         raise FileExistsError(f"The output path {folder.root} is a file, not a folder; choose "
                               "a folder (new or empty).")
@@ -206,8 +235,34 @@ def check_output_is_free(folder, resume):
     except OSError as error:
         raise OutputError(f"Cannot write to the output folder {folder.root}: "
                           f"{describe_os_error(error, folder.root)}.") from None
-    if not os.path.exists(folder.plan_path):
-        if os.path.isdir(folder.root) and os.listdir(folder.root):
+    _check_holds_no_other_job(folder, resume, os.path.exists(folder.plan_path),
+                              os.path.isdir(folder.root) and os.listdir(folder.root))
+
+
+def _check_remote_output_is_free(folder, resume):
+    files = folder.files
+    try:
+        if files.isfile(folder.root):
+            raise FileExistsError(f"The output {folder.root} is a file, not a folder; choose "
+                                  "a folder (new or empty).")
+        entries = files.listdir(folder.root)
+        # One small object, written and removed again, proves the credentials can write.
+        probe = files.join(folder.root, f".fastclip-write-check-{uuid.uuid4().hex}")
+        files.write(probe, lambda f: None)
+        files.remove(probe)
+        has_plan = files.exists(folder.plan_path)
+    except FileExistsError:
+        raise
+    except Exception as error:  # the store's client errors: permissions, no bucket, no network
+        raise OutputError(f"Cannot write to the output folder {folder.root}: "
+                          f"{type(error).__name__}: {error}. Check the URL, the credentials "
+                          "and the endpoint (AWS_ENDPOINT_URL, --storage-options).") from None
+    _check_holds_no_other_job(folder, resume, has_plan, entries)
+
+
+def _check_holds_no_other_job(folder, resume, has_plan, entries):
+    if not has_plan:
+        if entries:
             raise FileExistsError(
                 f"The output folder {folder.root} is not empty and holds no fastclip job; "
                 "choose a new or empty folder.")
@@ -218,7 +273,7 @@ def check_output_is_free(folder, resume):
 
 
 def _check_same_job(folder, plan, job):
-    recorded = read_json(folder.plan_path)
+    recorded = folder.read_json(folder.plan_path)
     if recorded["fingerprint"] != plan.fingerprint:
         raise ValueError(
             f"--resume: the inputs or --shard-size differ from those of the job in "
@@ -242,8 +297,8 @@ def _check_same_job(folder, plan, job):
 def _wait_for_plan(folder, plan, timeout=600):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if os.path.exists(folder.plan_path) and \
-                read_json(folder.plan_path)["fingerprint"] == plan.fingerprint:
+        if folder.files.exists(folder.plan_path) and \
+                folder.read_json(folder.plan_path)["fingerprint"] == plan.fingerprint:
             return
         time.sleep(0.2)
     raise TimeoutError(f"Rank 0 did not record the job in {folder.root} within {timeout} s.")

@@ -7,12 +7,10 @@ one of a chunk says so, so the writer puts a chunk's rows back in input order an
 the chunk is complete, whichever workers made its pieces.
 
 Every way an input can be bad raises ``InputError`` (``fastclip.images``), recorded as that
-input's failure; a tar shard cut short keeps the complete samples before the damage.
+input's failure; a tar shard cut short keeps the complete samples before the damage
+(``shards``).
 """
 
-import json
-import os
-import tarfile
 from functools import partial
 
 import torch
@@ -21,151 +19,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, InputError, decode_image, read_file
 from ..tokenizer import tokenize
 from ..transform import resized_size
-from . import device_decode
+from . import device_decode, storage
 from .job import DEFAULT_CAPTION_KEY, DEFAULT_IMAGE_KEYS
-
-
-def _split_key(member_name):
-    """WebDataset's convention: ``dir/sample.ext`` -> (``dir/sample``, ``ext``), where the
-    extension is everything after the first dot of the file name."""
-    folder, _, name = member_name.rpartition("/")
-    stem, dot, extension = name.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), extension.lower()
-
-
-# A tar's extended headers (GNU long names, pax records) are read whole by tarfile: bounded.
-MAX_HEADER_BYTES = 1 << 16
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-
-
-class _BoundedTarInfo(tarfile.TarInfo):
-    """tarfile's member header, refusing extended headers over ``MAX_HEADER_BYTES`` (a
-    600 MB "long name" would be read into memory, then into failure records)."""
-
-    def _proc_gnulong(self, archive):
-        self._check_header_size()
-        return super()._proc_gnulong(archive)
-
-    def _proc_pax(self, archive):
-        self._check_header_size()
-        return super()._proc_pax(archive)
-
-    def _check_header_size(self):
-        if self.size > MAX_HEADER_BYTES:
-            raise tarfile.HeaderError(f"an extended header of {self.size} bytes (more than "
-                                      f"{MAX_HEADER_BYTES})")
-
-
-def iter_webdataset(path, max_bytes=DEFAULT_MAX_BYTES, wanted=None):
-    """Yield ``(key, {extension: bytes})`` for the samples of a WebDataset tar shard, in
-    order. Only the extensions in ``wanted`` (all when None) are read; the others are listed
-    with the value None. A shard that ends early or is corrupt raises :class:`InputError`
-    after the complete samples before the damage; the damaged sample is never yielded.
-
-    What one shard may cost is bounded: a member is read only up to ``max_bytes``, and so is
-    one sample in all; a member that claims more than an uncompressed shard holds (a lying
-    header) ends the shard at once, and in a compressed shard, where the claim cannot be
-    checked without decompressing it, any member over ``max_bytes`` does.
-    """
-    key, fields, sample_bytes = None, {}, 0
-    at = None  # the sample being read, for the message of a damaged shard
-    try:
-        shard_size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            compressed = f.read(6).startswith(_COMPRESSED)
-        with tarfile.open(path, mode="r|*", tarinfo=_BoundedTarInfo) as archive:
-            for member in archive:
-                member_key, extension = _split_key(member.name)
-                at = member_key
-                if member_key != key and key is not None:
-                    yield key, fields
-                    key = None
-                # What tarfile passes over for this member, whatever its type (a sparse or
-                # unknown member too), is where its next header starts.
-                claimed = archive.offset - member.offset_data
-                if not compressed and archive.offset > shard_size:
-                    raise tarfile.HeaderError(
-                        f"member {member.name[:200]!r} claims {claimed} bytes, more than the "
-                        f"{shard_size}-byte shard holds")
-                if compressed and claimed > max_bytes + tarfile.BLOCKSIZE:
-                    raise tarfile.HeaderError(
-                        f"member {member.name[:200]!r} claims {claimed} bytes, more than the "
-                        f"{max_bytes}-byte limit (in a compressed shard the claim cannot be "
-                        "checked without decompressing it)")
-                if not member.isfile():
-                    continue
-                if key is None:
-                    key, fields, sample_bytes = member_key, {}, 0
-                if extension in fields:
-                    fields[extension] = InputError(
-                        f"the sample has two members named {member.name[:200]}")
-                elif wanted is not None and extension not in wanted:
-                    fields[extension] = None
-                elif member.size > max_bytes or sample_bytes + member.size > max_bytes:
-                    fields[extension] = InputError(
-                        f"tar member {member.name[:200]} of {member.size} bytes takes its "
-                        f"sample past the {max_bytes}-byte limit")
-                else:
-                    fields[extension] = archive.extractfile(member).read()
-                    sample_bytes += member.size
-    except (tarfile.TarError, OSError, EOFError, ValueError, OverflowError,
-            RecursionError) as error:  # RecursionError: a long chain of extended headers
-        raise InputError(f"tar shard cut short or corrupt at sample {str(at)[:200]!r} (it and "
-                         f"any later samples are not embedded): {type(error).__name__}: "
-                         f"{error}") from None
-    if key is not None:
-        yield key, fields
-
-
-def sample_image(fields, image_keys=DEFAULT_IMAGE_KEYS):
-    """The image bytes of a WebDataset sample: the first of ``image_keys`` it has."""
-    for extension in image_keys:
-        if extension in fields:
-            value = fields[extension]
-            if isinstance(value, InputError):
-                raise value
-            return value
-    raise InputError(f"no image in the sample (looked for {', '.join(image_keys)}; it has "
-                     f"{', '.join(sorted(fields)) or 'nothing'})")
-
-
-JSON_FIELD = "json:"  # --caption-key json:FIELD: the caption is a field of the sample's .json
-
-
-def caption_extension(caption_key):
-    """The member extension a caption key reads (``json`` for ``json:FIELD``)."""
-    return "json" if caption_key.startswith(JSON_FIELD) else caption_key
-
-
-def sample_caption(fields, caption_key=DEFAULT_CAPTION_KEY):
-    """The caption of a WebDataset sample, None when it has none, or an :class:`InputError`
-    saying why it cannot be read. ``json:FIELD`` takes the field of the sample's ``.json``
-    (a dotted FIELD walks nested objects, where the whole name is not a key itself)."""
-    value = fields.get(caption_extension(caption_key))
-    if value is None or isinstance(value, InputError):
-        return None
-    text = value.decode("utf-8", errors="replace")
-    if not caption_key.startswith(JSON_FIELD):
-        return text.strip()
-    field = caption_key[len(JSON_FIELD):]
-    try:
-        record = json.loads(text)
-    except ValueError as error:
-        return InputError(f"the sample's .json is not valid JSON ({error})")
-    if isinstance(record, dict) and field in record:
-        value = record[field]
-    else:
-        value = record
-        for part in field.split("."):
-            if not isinstance(value, dict) or part not in value:
-                return None
-            value = value[part]
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return InputError(f"the field {field!r} of the sample's .json is not text "
-                          f"(a JSON {type(value).__name__})")
-    return str(value).strip()
+from .shards import (  # noqa: F401  (iter_webdataset and sample_image: importable from here)
+    caption_extension,
+    iter_webdataset,
+    json_fields,
+    sample_caption,
+    sample_image,
+)
+from .tables import TableRows
 
 
 def preprocess_bounded(preprocess, image, max_pixels, out=None):
@@ -192,7 +55,8 @@ class EmbedDataset(IterableDataset):
     def __init__(self, chunks, preprocess, batch_size, embed_images, embed_texts,
                  context_length=77, max_pixels=DEFAULT_MAX_PIXELS,
                  max_bytes=DEFAULT_MAX_BYTES, image_keys=DEFAULT_IMAGE_KEYS,
-                 caption_key=DEFAULT_CAPTION_KEY, device_decode=False, read_timeout=None):
+                 caption_key=DEFAULT_CAPTION_KEY, device_decode=False, read_timeout=None,
+                 storage_options=None, enable_metadata=False, table_columns=None):
         self.chunks = chunks
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -205,7 +69,11 @@ class EmbedDataset(IterableDataset):
         self.caption_key = caption_key
         self.device_decode = device_decode
         self.read_timeout = read_timeout
+        self.storage_options = storage_options
+        self.enable_metadata = enable_metadata
+        self.table_columns = table_columns or {}
         self._buffer, self._filled = None, 0  # the batch tensor being filled (_batches)
+        self._tables = None  # this worker's TableRows
 
     def units(self):
         """The work of the job as ``(chunk, start, stop)`` units, dealt to the workers in
@@ -286,22 +154,85 @@ class EmbedDataset(IterableDataset):
             return self._buffer[0]
         return image
 
+    def _read_path(self, path):
+        """The bytes of a local file or of a URL's object, within the read timeout."""
+        remote = partial(storage.read_remote, options=self.storage_options)
+        return read_file(path, self.max_bytes, self.read_timeout,
+                         remote if path is not None and storage.is_url(path) else None)
+
+    def _table_row(self, item, names):
+        if self._tables is None:
+            self._tables = TableRows(self.storage_options)
+        try:
+            return self._tables.row(item.table, item.row, names)
+        except Exception as error:  # pyarrow's and the store's errors: this input's failure
+            raise InputError(f"row {item.row} of {item.table} unreadable: "
+                             f"{type(error).__name__}: {error}") from None
+
+    def _cell_image(self, item):
+        """The image bytes of a table cell: binary, or a ``{bytes, path}`` struct."""
+        value = self._table_row(item, [item.image_cell])[item.image_cell]
+        if isinstance(value, dict):
+            if value.get("bytes") is None and value.get("path"):
+                return self._read_path(storage.join(item.table, value["path"]))
+            value = value.get("bytes")
+        if value is None:
+            raise InputError("no image (an empty cell in the table)")
+        if len(value) > self.max_bytes:
+            raise InputError(f"image cell of {len(value)} bytes is larger than the "
+                             f"{self.max_bytes}-byte limit")
+        return value
+
+    def _sidecar_fields(self, item):
+        """``{extension: bytes}`` of the sidecars beside a folder's image that the job
+        reads: the caption's, and the ``.json`` for --enable-metadata."""
+        wanted = set()
+        if self.embed_texts and item.text is None:
+            wanted.add(caption_extension(self.caption_key))
+        if self.enable_metadata:
+            wanted.add("json")
+        fields = {}
+        for extension, path in item.sidecars:
+            if extension in wanted:
+                try:
+                    fields[extension] = self._read_path(path)
+                except InputError as error:
+                    fields[extension] = error
+        return fields
+
     def _listed_samples(self, items):
         for item in items:
             if item.error is not None:
                 yield ({"key": item.key, "image_path": item.image_path, "caption": item.text},
                        None, item.error)
                 continue
-            yield self._sample(item.key, item.image_path, item.text,
-                               partial(read_file, item.image_path, self.max_bytes,
-                                       self.read_timeout))
+            text, extra = item.text, {}
+            try:
+                fields = self._sidecar_fields(item) if item.sidecars else {}
+                if text is None and self.embed_texts:
+                    error = fields.get(caption_extension(self.caption_key))
+                    text = error if isinstance(error, InputError) else \
+                        sample_caption(fields, self.caption_key)
+                if self.enable_metadata:
+                    extra = json_fields(fields)
+                    names = self.table_columns.get(item.table, ())
+                    if names:
+                        extra.update(self._table_row(item, names))
+            except InputError as error:
+                text = error
+            read = (partial(self._cell_image, item) if item.image_cell
+                    else partial(self._read_path, item.image_path))
+            yield self._sample(item.key, item.image_path, text, read, extra)
 
     def _samples(self, chunk):
         """``(row, image tensor, failure reason)`` for each sample of a tar shard."""
         try:
             wanted = {*self.image_keys, caption_extension(self.caption_key)}
+            if self.enable_metadata:
+                wanted.add("json")
             seen = set()
-            for key, fields in iter_webdataset(chunk.tar_path, self.max_bytes, wanted):
+            for key, fields in iter_webdataset(chunk.tar_path, self.max_bytes, wanted,
+                                               self.storage_options):
                 if key in seen:
                     yield ({"key": f"{chunk.tar_path}:{key}"}, None,
                            "duplicate key: an earlier sample of this shard has the same key")
@@ -310,14 +241,15 @@ class EmbedDataset(IterableDataset):
                 # image_path: the sample's key, as clip-retrieval writes it for shards.
                 yield self._sample(f"{chunk.tar_path}:{key}", key,
                                    sample_caption(fields, self.caption_key),
-                                   partial(sample_image, fields, self.image_keys))
+                                   partial(sample_image, fields, self.image_keys),
+                                   json_fields(fields) if self.enable_metadata else None)
         except InputError as error:
             yield {"key": chunk.tar_path}, None, str(error)
 
-    def _sample(self, key, image_path, text, read_bytes):
+    def _sample(self, key, image_path, text, read_bytes, extra=None):
         error = text if isinstance(text, InputError) else None
         text = None if error is not None else text
-        row = {"key": key, "image_path": image_path, "caption": text}
+        row = {**(extra or {}), "key": key, "image_path": image_path, "caption": text}
         try:
             if self.embed_texts and error is not None:
                 raise error

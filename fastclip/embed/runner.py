@@ -147,10 +147,12 @@ def run(job):
     # Inputs and the output folder are checked before the model is loaded (or downloaded).
     plan = plan_job(job.images, job.texts, shard_size=job.shard_size,
                     image_column=job.image_column, text_column=job.text_column,
-                    embed_captions=job.embed_captions, limit=job.limit)
+                    embed_captions=job.embed_captions, limit=job.limit,
+                    storage_options=job.storage_options, enable_metadata=job.enable_metadata)
     ranks = ranks_.from_environment()
-    folder = OutputFolder(job.output, recorded_name_width(job.output, job.resume)
-                          or plan.name_width)
+    folder = OutputFolder(job.output, recorded_name_width(job.output, job.resume,
+                                                          job.storage_options)
+                          or plan.name_width, job.storage_options)
     device = torch.device(job.device) if job.device else default_device()
     if device.type == "cuda":
         # Streams, events and NCCL collectives below use the current device: this rank's.
@@ -170,7 +172,9 @@ def run(job):
                            plan.embed_texts, model.context_length, max_pixels=job.max_pixels,
                            max_bytes=job.max_bytes, image_keys=job.image_keys,
                            caption_key=job.caption_key, device_decode=job.gpu_decode,
-                           read_timeout=job.read_timeout)
+                           read_timeout=job.read_timeout, storage_options=job.storage_options,
+                           enable_metadata=job.enable_metadata,
+                           table_columns=plan.table_columns)
     num_workers = job.num_workers
     if num_workers is None:
         num_workers = default_num_workers(device, ranks)
@@ -182,7 +186,7 @@ def run(job):
     known = [c.known_size for c in chunks]
     bar = tqdm(total=None if None in known else sum(known), unit="item", dynamic_ncols=True,
                disable=not job.progress or ranks.rank != 0, desc="embed")
-    writer = ShardWriter(folder, plan.metadata_columns)
+    writer = ShardWriter(folder, plan.metadata_columns, types=plan.metadata_types)
     failure = None
     try:
         try:

@@ -16,9 +16,10 @@ class ShardWriter:
     piece), ``inputs``, ``rows``, ``failures`` and ``image``/``text``: each a host tensor and
     a CUDA event (or None) that says when its copy from the device is complete."""
 
-    def __init__(self, folder, columns, max_pending=16):
+    def __init__(self, folder, columns, max_pending=16, types=None):
         self.folder = folder
         self.columns = columns
+        self.types = types
         self.pending = {}
         self.queue = queue.Queue(maxsize=max_pending)
         self.error = None
@@ -74,7 +75,7 @@ class ShardWriter:
             result["chunk"], joined("image"), joined("text"),
             [row for piece in pieces for row in piece["rows"]],
             [failure for piece in pieces for failure in piece["failures"]],
-            sum(piece["inputs"] for piece in pieces), self.columns)
+            sum(piece["inputs"] for piece in pieces), self.columns, self.types)
 
 
 def _to_numpy(tensor, ready_event):

@@ -1,0 +1,222 @@
+"""Table inputs, through pyarrow: parquet, Arrow IPC (``.arrow``/``.feather``), CSV, and
+the folders Hugging Face ``datasets`` writes with ``save_to_disk``; local or remote.
+
+What an image cell holds is read from its column's type: a string column holds paths or
+URLs (relative paths are relative to the table's folder); a binary column holds encoded
+images; a struct with ``bytes`` and ``path`` fields (``datasets``' ``Image`` feature) holds
+bytes, or, where they are null, a path. Planning reads only the small columns (paths,
+captions); image bytes and metadata columns are read by the decoding workers, one row group
+or record batch at a time (:class:`TableRows`).
+"""
+
+import json
+import os
+import posixpath
+
+from . import storage
+
+TABLE_EXTENSIONS = (".parquet", ".csv", ".arrow", ".feather")
+_HF_STATE = "state.json"
+
+
+class TableError(ValueError):
+    pass
+
+
+def is_table(path):
+    return path.lower().endswith(TABLE_EXTENSIONS)
+
+
+def _join(folder, name):
+    return (posixpath.join if storage.is_url(folder) else os.path.join)(folder, name)
+
+
+def dataset_folder_files(folder, options=None):
+    """The arrow files of a ``datasets`` ``save_to_disk`` folder, or None when ``folder`` is
+    not one. A ``DatasetDict`` folder is refused with the names of its splits."""
+    def read(name):
+        try:
+            with storage.open_input(_join(folder, name), options) as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise TableError(f"{folder}: cannot read its {name} ({error}).") from None
+
+    state = read(_HF_STATE)
+    if state is None:
+        splits = read("dataset_dict.json")
+        if splits is not None:
+            names = splits.get("splits", [])
+            raise TableError(f"{folder} is a Hugging Face DatasetDict; give one of its splits "
+                             f"({', '.join(_join(folder, s) for s in names)}).")
+        return None
+    return [_join(folder, entry["filename"]) for entry in state.get("_data_files", [])]
+
+
+def _arrow_table(path, options):
+    """An Arrow IPC file or stream (``datasets`` writes streams), memory-mapped when local."""
+    import pyarrow as pa
+    if not storage.is_url(path):
+        source = pa.memory_map(storage.local_path(path))
+    else:
+        with storage.open_input(path, options) as f:
+            source = pa.BufferReader(f.read())
+    try:
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all()
+
+
+def _csv_table(path, columns, options):
+    """A CSV file's columns, every one as text (a CSV has no types; "1.50" stays "1.50")."""
+    import pyarrow.csv as pacsv
+    with storage.open_input(path, options) as f:
+        header = pacsv.open_csv(f).schema.names
+    missing = [c for c in columns or () if c not in header]
+    if missing:
+        raise _missing_column(path, missing[0], header)
+    import pyarrow as pa
+    wanted = list(columns) if columns is not None else header
+    convert = pacsv.ConvertOptions(include_columns=wanted,
+                                   column_types={name: pa.string() for name in wanted})
+    with storage.open_input(path, options) as f:
+        return pacsv.read_csv(f, convert_options=convert)
+
+
+def _missing_column(path, column, names):
+    return TableError(f"{path} has no column {column!r}; its columns are {list(names)}. "
+                      "Choose one with --image-column / --text-column.")
+
+
+class Table:
+    """One table input: its schema, its small columns for the plan, its rows for workers."""
+
+    def __init__(self, path, options=None):
+        self.path = path
+        self.options = options
+        self.files = dataset_folder_files(path, options) if not is_table(path) else None
+        self._arrow = None
+        self._parquet = None
+
+    @property
+    def kind(self):
+        if self.files is not None:
+            return "arrow"
+        return {".csv": "csv", ".parquet": "parquet"}.get(
+            os.path.splitext(self.path.lower())[1], "arrow")
+
+    def _whole(self):
+        if self._arrow is None:
+            import pyarrow as pa
+            if self.kind == "csv":
+                self._arrow = _csv_table(self.path, None, self.options)
+            elif self.files is not None:
+                self._arrow = pa.concat_tables([_arrow_table(f, self.options)
+                                                for f in self.files])
+            else:
+                self._arrow = _arrow_table(self.path, self.options)
+        return self._arrow
+
+    def _parquet_file(self):
+        if self._parquet is None:
+            import pyarrow.parquet as pq
+            self._parquet = pq.ParquetFile(storage.open_input(self.path, self.options))
+        return self._parquet
+
+    @property
+    def schema(self):
+        if self.kind == "parquet":
+            return self._parquet_file().schema_arrow
+        return self._whole().schema
+
+    @property
+    def num_rows(self):
+        if self.kind == "parquet":
+            return self._parquet_file().metadata.num_rows
+        return len(self._whole())
+
+    def columns(self, names):
+        """The table with only ``names`` (dotted names pick a struct's field)."""
+        for name in names:
+            if name.split(".")[0] not in self.schema.names:
+                raise _missing_column(self.path, name, self.schema.names)
+        if self.kind == "parquet":
+            return self._parquet_file().read(columns=list(names))
+        table = self._whole()
+        import pyarrow as pa
+        arrays = {}
+        for name in names:
+            top, _, field = name.partition(".")
+            column = table.column(top)
+            arrays[name] = column.combine_chunks().field(field) if field else column
+        return pa.table(arrays)
+
+    def rows(self, start, stop, names):
+        """Rows ``start`` to ``stop`` of the columns ``names``, as a pyarrow table."""
+        if self.kind == "parquet":
+            return _parquet_rows(self._parquet_file(), start, stop, names)
+        return self._whole().select(list(names)).slice(start, stop - start)
+
+
+def _parquet_rows(parquet, start, stop, names):
+    """Rows of a parquet file read from the row groups that hold them, and only those."""
+    import pyarrow as pa
+    groups, first, offset = [], None, 0
+    for index in range(parquet.metadata.num_row_groups):
+        size = parquet.metadata.row_group(index).num_rows
+        if offset + size > start and offset < stop:
+            groups.append(index)
+            first = offset if first is None else first
+        offset += size
+    if not groups:
+        return pa.table({name: pa.array([]) for name in names})
+    return parquet.read_row_groups(groups, columns=list(names)).slice(start - first,
+                                                                        stop - start)
+
+
+def image_cells(schema, column, path):
+    """How the image column ``column`` stores images: ``"path"``, ``"bytes"`` or
+    ``"struct"`` (bytes, else a path), from its type; anything else is refused."""
+    import pyarrow as pa
+    if column not in schema.names:
+        raise _missing_column(path, column, schema.names)
+    kind = schema.field(column).type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "path"
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return "bytes"
+    if pa.types.is_struct(kind) and {kind.field(i).name for i in range(kind.num_fields)} >= \
+            {"bytes", "path"}:
+        return "struct"
+    raise TableError(f"The column {column!r} of {path} holds {kind}, not images: give a "
+                     "column of paths or URLs (string), of encoded images (binary), or of "
+                     "{bytes, path} structs (Hugging Face's Image feature).")
+
+
+def as_text(values):
+    return [None if value is None else str(value) for value in values]
+
+
+class TableRows:
+    """A worker's reader of table rows: the last table opened, and the last run of rows
+    read from it, kept for the next inputs (which are usually the rows after)."""
+
+    def __init__(self, options=None, span=256):
+        self.options = options
+        self.span = span
+        self._table = None
+        self._rows = None  # (path, names, start, stop, rows as a pyarrow table)
+
+    def row(self, path, index, names):
+        """``{name: value}`` of row ``index`` of the table at ``path``."""
+        cached = self._rows
+        if cached is None or cached[:2] != (path, tuple(names)) or \
+                not cached[2] <= index < cached[3]:
+            if self._table is None or self._table.path != path:
+                self._table = Table(path, self.options)
+            stop = min(index + self.span, self._table.num_rows)
+            rows = self._table.rows(index, stop, names)
+            cached = self._rows = (path, tuple(names), index, stop, rows)
+        return {name: cached[4].column(name)[index - cached[2]].as_py() for name in names}
