@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from servers import s3, s3_server  # noqa: F401  (fixtures)
+
 if not torch.cuda.is_available():
     # Without CUDA the Triton kernels run in Triton's interpreter, which Triton chooses when a
     # kernel is defined: set here, before any test module can import fastclip.kernels, so no

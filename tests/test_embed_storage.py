@@ -8,7 +8,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,54 +29,10 @@ from embed_helpers import (
     tiny_checkpoint,
     write_tar_shard,
 )
+from servers import free_port
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """A moto S3 server in its own process; the environment points every S3 client at it."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.1)
-    environment = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                   "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
-    yield endpoint
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    server.terminate()
-    server.wait()
-
-
-@pytest.fixture
-def s3(s3_server, request):
-    """A fresh bucket (named after the test) and an s3fs client of the server."""
-    import s3fs
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
-    bucket = "t-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    fs.mkdir(bucket)
-    return fs, bucket
 
 
 def _samples(start, count):
@@ -278,7 +233,7 @@ def test_unusable_stores_are_clear_errors_before_the_model_loads(tmp_path, sourc
 def test_an_unreachable_store_and_a_missing_bucket_are_clear_errors(s3, tmp_path):
     fs, bucket = s3
     write_tar_shard(tmp_path / "shard.tar", _samples(0, 1))
-    dead = json.dumps({"s3": {"endpoint_url": f"http://127.0.0.1:{_free_port()}",
+    dead = json.dumps({"s3": {"endpoint_url": f"http://127.0.0.1:{free_port()}",
                               "config_kwargs": {"retries": {"max_attempts": 1}}}})
     result = run_fastclip("embed", "--images", "s3://anything/x.tar", "-o", tmp_path / "out",
                           "--model", tiny_checkpoint(), "--storage-options", dead, check=False)

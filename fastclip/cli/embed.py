@@ -99,6 +99,14 @@ def add_arguments(parser):
                                   "(needs torchvision); not bit-identical to the PIL path")
     run_options.add_argument("--no-progress", dest="progress", action="store_false",
                              help="no progress bar")
+    run_options.add_argument("--ray-tasks", type=int, default=None, metavar="N",
+                             help="run the job as N Ray tasks, one rank each, on the Ray "
+                                  "cluster of RAY_ADDRESS (or a local one); the output should "
+                                  "be in storage every node reaches (s3://...)")
+    run_options.add_argument("--ray-gpus-per-task", type=float, default=0, metavar="G",
+                             help="GPUs of each Ray task (default: 0)")
+    run_options.add_argument("--ray-cpus-per-task", type=float, default=1, metavar="C",
+                             help="CPUs of each Ray task (default: 1)")
 
 
 def _json_object(text):
@@ -121,9 +129,15 @@ def job_from(args):
 
 
 def run(args):
-    summary = run_job(job_from(args))
-    print(summary_line(summary), file=sys.stderr)
-    manifest = summary["manifest"]
+    if args.ray_tasks is not None:
+        from ..embed.ray import run_on_ray
+        summaries = run_on_ray(job_from(args), args.ray_tasks, num_cpus=args.ray_cpus_per_task,
+                               num_gpus=args.ray_gpus_per_task)
+    else:
+        summaries = [run_job(job_from(args))]
+    for summary in summaries:
+        print(summary_line(summary), file=sys.stderr)
+    manifest = next((s["manifest"] for s in summaries if s["manifest"] is not None), None)
     if manifest is None:
         return 0
     print(f"Wrote {args.output} (manifest.json, failures.jsonl)", file=sys.stderr)

@@ -142,10 +142,11 @@ class Table:
         for name in names:
             if name.split(".")[0] not in self.schema.names:
                 raise _missing_column(self.path, name, self.schema.names)
-        if self.kind == "parquet":
-            return self._parquet_file().read(columns=list(names))
-        table = self._whole()
         import pyarrow as pa
+        if self.kind == "parquet":  # a struct's field is read alone, its siblings are not
+            table = self._parquet_file().read(columns=list(names))
+        else:
+            table = self._whole()
         arrays = {}
         for name in names:
             top, _, field = name.partition(".")
