@@ -1,6 +1,6 @@
 """Table inputs whose image cells are paths, bytes or {bytes, path} structs (parquet, Arrow,
 CSV, a folder written by Hugging Face datasets itself), --enable-metadata, img2dataset's
-sidecar layout, compressed shards and dotted sample keys."""
+sidecar layout, compressed shards and dotted sample keys, and the progress of tar jobs."""
 
 import gzip
 import io
@@ -214,3 +214,21 @@ def test_a_struct_cell_path_is_read_relative_to_the_table(tmp_path):
                     image_column="image", **OPTIONS)
     assert summary["rows"] == 1 and summary["failures"] == 1
     assert "unreadable" in next(iter(read_failures(tmp_path / "out").values()))
+
+
+def test_tar_jobs_show_shards_done_of_total_and_an_eta(tmp_path, monkeypatch):
+    from fastclip.embed import runner
+    clock = iter([100.0, 130.0])  # the start, then the first shard done 30 s later
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: next(clock))
+    progress = runner.ShardProgress(shards=4, items_known=False)
+    assert progress.postfix({"last": False}, 0) == {"shards": "0/4", "failures": 0}
+    assert progress.postfix({"last": True}, 2) == {"shards": "1/4", "failures": 2,
+                                                   "eta": "00:01:30"}
+    monkeypatch.undo()
+    for n in range(2):
+        write_tar_shard(tmp_path / f"{n}.tar", [(f"{n}{i}", {"jpg": image_bytes(i)})
+                                                for i in range(2)])
+    from embed_helpers import run_fastclip
+    result = run_fastclip("embed", "--images", tmp_path / "{0..1}.tar", "-o", tmp_path / "out",
+                          "--model", tiny_checkpoint())
+    assert "shards=2/2" in result.stderr, result.stderr

@@ -109,9 +109,30 @@ def with_device_images(batch, preprocess, device, max_pixels):
     }
 
 
-def embed_batches(model, batches, writer, normalize, dtype, bar, decode_on_device=None):
+class ShardProgress:
+    """What the bar says beyond items and items/s: shards done of this rank's total and,
+    where the total of items is unknown (tar shards), an ETA from the shards done."""
+
+    def __init__(self, shards, items_known):
+        self.shards = shards
+        self.items_known = items_known
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def postfix(self, batch, failures):
+        self.done += bool(batch["last"])
+        postfix = {"shards": f"{self.done}/{self.shards}", "failures": failures}
+        if not self.items_known and 0 < self.done < self.shards:
+            seconds = (time.perf_counter() - self.start) / self.done * (self.shards - self.done)
+            postfix["eta"] = time.strftime("%H:%M:%S", time.gmtime(seconds))
+        return postfix
+
+
+def embed_batches(model, batches, writer, normalize, dtype, bar, decode_on_device=None,
+                  progress=None):
     """Embed every batch and hand the rows to ``writer``; returns the counts.
-    ``decode_on_device(batch)`` decodes the JPEGs of ``--gpu-decode`` batches."""
+    ``decode_on_device(batch)`` decodes the JPEGs of ``--gpu-decode`` batches; ``progress``
+    (a :class:`ShardProgress`) adds shards and an ETA to the bar."""
     counts = {"inputs": 0, "rows": 0, "failures": 0}
     with torch.inference_mode():
         for batch in batches:
@@ -129,7 +150,8 @@ def embed_batches(model, batches, writer, normalize, dtype, bar, decode_on_devic
             counts["rows"] += len(batch["rows"])
             counts["failures"] += len(batch["failures"])
             bar.update(batch["inputs"])
-            bar.set_postfix(failures=counts["failures"], refresh=False)
+            bar.set_postfix(progress.postfix(batch, counts["failures"]) if progress else
+                            {"failures": counts["failures"]}, refresh=False)
     return counts
 
 
@@ -194,7 +216,7 @@ def run(job):
                 model, device_batches(loader, device), writer, job.normalize,
                 OUTPUT_DTYPES[job.dtype], bar,
                 partial(with_device_images, preprocess=preprocess, device=device,
-                        max_pixels=job.max_pixels))
+                        max_pixels=job.max_pixels), ShardProgress(len(chunks), None not in known))
         finally:
             writer.close()
             bar.close()
