@@ -220,3 +220,22 @@ def test_a_failed_write_names_the_file_it_was_writing(tmp_path):
         atomic_write(tmp_path / "img_emb_0.npy", full)
     assert describe_os_error(caught.value) == \
         f"{tmp_path / 'img_emb_0.npy'}: no space left on the device"
+
+
+def test_a_pipe_named_in_a_list_or_a_table_runs_nothing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fastclip.embed import embed
+
+    from embed_helpers import read_failures, tiny_checkpoint
+    marker = tmp_path / "ran"
+    command = f"pipe:touch {marker}"
+    (tmp_path / "list.txt").write_text(command + "\n")
+    pq.write_table(pa.table({"image_path": [command]}), tmp_path / "t.parquet")
+    summary = embed(str(tmp_path / "out"), images=[str(tmp_path / "list.txt"),
+                                                   str(tmp_path / "t.parquet")],
+                    model=tiny_checkpoint(), progress=False, num_workers=0)
+    assert summary["failures"] == 2 and summary["rows"] == 0
+    assert not marker.exists()
+    assert all("unreadable" in reason for reason in read_failures(tmp_path / "out").values())
