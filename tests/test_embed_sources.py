@@ -115,3 +115,49 @@ def test_unreadable_source_files_are_explained(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(ValueError, match="Cannot read the table .*broken.parquet"):
         plan_job(images=[str(tmp_path / "broken.parquet")])
+
+
+def test_a_long_list_is_planned_without_holding_its_paths(tmp_path):
+    import gc
+    import tracemalloc
+    lines = 100_000
+    with open(tmp_path / "list.txt", "w") as f:
+        f.writelines(f"images/{i // 1000:03d}/{i:08d}.jpg\n" for i in range(lines))
+    gc.collect()
+    tracemalloc.start()
+    plan = plan_job(images=[str(tmp_path / "list.txt")], shard_size=10_000)
+    gc.collect()
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # 100,000 paths held as items would take tens of MB; the plan keeps 20 bytes or so each.
+    assert held < 4 << 20, f"the plan holds {held / 2**20:.1f} MiB"
+    assert [c.known_size for c in plan.chunks] == [10_000] * 10
+    third = plan.chunks[3].items
+    assert third[0].image_path == str(tmp_path / "images/030/00030000.jpg")
+    assert len(third) == 10_000 and third[-1].key.endswith("00039999.jpg")
+
+
+def test_repeats_are_found_across_chunks_and_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("x.jpg\ny.jpg\nz.jpg\n")
+    (tmp_path / "b.txt").write_text("w.jpg\ny.jpg\n")
+    plan = plan_job(images=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], shard_size=2)
+    errors = [item.error for chunk in plan.chunks for item in chunk.items]
+    assert errors == [None, None, None, None, "duplicate key: the same input as input 2 of "
+                      "the job"]
+
+
+def test_limit_reads_only_the_inputs_it_embeds(tmp_path):
+    (tmp_path / "list.txt").write_bytes(b"a.jpg\nb.jpg\n" + "caf\xe9\n".encode("latin-1"))
+    plan = plan_job(images=[str(tmp_path / "list.txt")], limit=2)
+    assert [c.known_size for c in plan.chunks] == [2]
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        plan_job(images=[str(tmp_path / "list.txt")])
+
+
+def test_a_folder_that_changes_after_planning_gives_failures_not_a_crash(tmp_path):
+    paths = write_images(tmp_path / "images", 4, nested=False)
+    plan = plan_job(images=[str(tmp_path / "images")])
+    os.remove(paths[-1])
+    items = plan.chunks[0].items
+    assert [item.error is None for item in items] == [True, True, True, False]
+    assert "changed since the job was planned" in items[-1].error

@@ -11,36 +11,70 @@ file and table sources, then one chunk per tar shard. A chunk becomes one output
 the chunk's index as its number. The plan depends only on the inputs and ``shard_size``,
 never on the number of processes, so ranks take disjoint chunks, shard names never collide,
 and a resumed run (with any number of ranks) redoes exactly the chunks that are missing.
+
+Planning streams the inputs (``segments``): a chunk keeps only where its inputs begin and
+how many there are, and the fingerprint and the check for repeated inputs are computed on
+the way, so the plan of ten million paths holds 8 bytes per input (a hash of each, for
+the repeats), not the paths. Images paired with a separate --texts source are the
+exception: they are listed in memory.
 """
 
 import dataclasses
 import hashlib
 import json
+from array import array
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import tables
+from .segments import StoredSegment
 from .sources import (  # noqa: F401  (the names of the plan's inputs, importable from here)
     Item,
     expand_braces,
     expand_source,
-    image_items,
+    image_segments,
     read_column,
-    text_items,
+    segment_items,
+    text_segments,
 )
 
 
 @dataclass(frozen=True)
+class Span:
+    """``count`` consecutive inputs of a segment, from ``place`` on."""
+    segment: object
+    place: object
+    count: int
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """The inputs of one output shard: ``items`` of file and table sources, or one tar
-    shard (``tar_path``) whose samples are read while embedding."""
+    """The inputs of one output shard: ``size`` inputs of file and table sources, read
+    from their ``spans`` (or held as ``stored``), or one tar shard (``tar_path``) whose
+    samples are read while embedding. ``repeats`` maps the place in the chunk of an input
+    that repeats an earlier one to the job-wide position of the first."""
     index: int
-    items: tuple = ()
+    spans: tuple = ()
+    size: int = 0
     tar_path: str = None
+    repeats: tuple = ()  # ((place in the chunk, first position), ...)
 
     @property
     def known_size(self):
         """The number of inputs, or None for a tar shard (known only once read)."""
-        return None if self.tar_path else len(self.items)
+        return None if self.tar_path else self.size
+
+    @property
+    def items(self):
+        """The chunk's inputs, read again from their segments."""
+        items = [item for span in self.spans
+                 for item in span.segment.read(span.place, span.count)]
+        for place, first in self.repeats:
+            if place < len(items) and items[place].error is None:
+                items[place] = dataclasses.replace(items[place], error=(
+                    f"duplicate key: the same input as input {first + 1} of the job"))
+        return tuple(items)
 
 
 @dataclass
@@ -80,92 +114,137 @@ def plan_job(images=(), texts=(), shard_size=100_000, image_column="image_path",
         raise ValueError("Nothing to embed: give --images and/or --texts.")
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}.")
-    items, tars = [], []
+    caption_column = text_column if embed_captions else None
+    segments, tars = [], []
     for source in images:
-        source_items, source_tars = image_items(
-            source, image_column, text_column if embed_captions else None, storage_options)
-        items.extend(source_items)
-        tars.extend(source_tars)
+        for kind, value in image_segments(source, image_column, caption_column,
+                                          storage_options):
+            (tars if kind == "tar" else segments).append(value)
+    image_sources = list(segments)
     if texts:
-        text_list = [item for source in texts
-                     for item in text_items(source, text_column, storage_options)]
-        if images:
-            items = _pair(items, tars, text_list)
-        else:
-            items = text_list
-    if limit is not None:
-        if tars:
-            raise ValueError("--limit applies to folder, list and table inputs; for tar "
-                             "shards, select fewer shards with a brace range instead.")
-        items = items[:limit]
-
-    items = _mark_duplicates(items)
-    chunks = [Chunk(index=i, items=tuple(items[start:start + shard_size]))
-              for i, start in enumerate(range(0, len(items), shard_size))]
-    chunks += [Chunk(index=len(chunks) + i, tar_path=path) for i, path in enumerate(tars)]
-    embed_texts = bool(texts) or embed_captions
-    columns = ("key", "image_path", "caption") if images else ("key", "caption")
-    plan = Plan(chunks=chunks, embed_images=bool(images), embed_texts=embed_texts,
-                metadata_columns=columns)
+        text_list = [segment for source in texts
+                     for segment in text_segments(source, text_column, storage_options)]
+        segments = [_pair(segments, tars, text_list)] if images else text_list
+    if limit is not None and tars:
+        raise ValueError("--limit applies to folder, list and table inputs; for tar "
+                         "shards, select fewer shards with a brace range instead.")
+    plan = Plan(chunks=[], embed_images=bool(images), embed_texts=bool(texts) or embed_captions,
+                metadata_columns=("key", "image_path", "caption") if images else
+                ("key", "caption"))
+    digest = hashlib.sha256(json.dumps([plan.embed_images, plan.embed_texts]).encode())
+    plan.chunks, identities = _cut(segments, shard_size, limit, digest)
+    plan.chunks = _mark_repeats(plan.chunks, identities, segments, shard_size, limit)
+    plan.chunks += [Chunk(index=len(plan.chunks) + i, tar_path=path)
+                    for i, path in enumerate(tars)]
+    for chunk in plan.chunks[len(plan.chunks) - len(tars):]:
+        digest.update(_chunk_json(chunk.index, chunk.tar_path, ()))
     if enable_metadata:
         plan.table_columns, plan.metadata_types = _table_metadata(
-            items, columns + (image_column, text_column), storage_options)
-    plan.fingerprint = fingerprint(plan)
+            image_sources, plan.metadata_columns + (image_column, text_column), storage_options)
+    plan.fingerprint = digest.hexdigest()
     return plan
 
 
-def _mark_duplicates(items):
-    """Items that repeat an earlier one (the same key and the same text) become failures: a
-    path listed twice is embedded once, and the repeat is reported rather than silently
-    given a second row. One image paired with two captions is two inputs."""
-    first = {}
-    marked = []
-    for position, item in enumerate(items):
+def _chunk_json(index, tar_path, items):
+    return json.dumps([index, tar_path, [[i.key, i.image_path, i.text] +
+                                         ([i.image_cell] if i.image_cell else [])
+                                         for i in items]]).encode()
+
+
+def _stream(segments, limit):
+    """``(segment, place, item)`` of every input, in order, up to ``limit``."""
+    count = 0
+    for segment in segments:
+        if limit is not None and count >= limit:
+            return
+        for place, item in segment.iterate():
+            count += 1
+            yield segment, place, item
+            if limit is not None and count >= limit:
+                return  # before the next input is read
+
+
+def _cut(segments, shard_size, limit, digest):
+    """The chunks of the listed inputs, each ``shard_size`` of them as spans, the digest
+    updated chunk by chunk; and the 64-bit hash of each input's identity, in order."""
+    chunks, identities = [], array("Q")
+    items, spans = [], []
+
+    def close():
+        chunks.append(Chunk(index=len(chunks), size=len(items), spans=tuple(
+            Span(segment, place, count) for segment, place, count in spans)))
+        digest.update(_chunk_json(len(chunks) - 1, None, items))
+        items.clear()
+        spans.clear()
+
+    for segment, place, item in _stream(segments, limit):
+        if not spans or spans[-1][0] is not segment:
+            spans.append([segment, place, 0])
+        spans[-1][2] += 1
+        items.append(item)
+        identities.append(hash((item.key, item.text)) & 0xFFFFFFFFFFFFFFFF)
+        if len(items) == shard_size:
+            close()
+    if items:
+        close()
+    return chunks, identities
+
+
+def _mark_repeats(chunks, identities, segments, shard_size, limit):
+    """Inputs that repeat an earlier one (the same key and the same text) become failures:
+    a path listed twice is embedded once, and the repeat is reported rather than silently
+    given a second row. One image paired with two captions is two inputs. The hashes find
+    the candidates; a second pass over those alone confirms them."""
+    hashes = np.frombuffer(identities, dtype=np.uint64) if len(identities) else None
+    if hashes is None or len(np.unique(hashes)) == len(hashes):
+        return chunks
+    values, counts = np.unique(hashes, return_counts=True)
+    candidates = set(values[counts > 1].tolist())
+    first, repeats = {}, {}
+    for position, (_, _, item) in enumerate(_stream(segments, limit)):
+        if int(hashes[position]) not in candidates:
+            continue
         identity = (item.key, item.text)
         if identity in first and item.error is None:
-            item = dataclasses.replace(item, error=(
-                f"duplicate key: the same input as input {first[identity] + 1} of the job"))
+            repeats.setdefault(position // shard_size, []).append(
+                (position % shard_size, first[identity]))
         first.setdefault(identity, position)
-        marked.append(item)
-    return marked
+    return [dataclasses.replace(chunk, repeats=tuple(repeats.get(chunk.index, ())))
+            for chunk in chunks]
 
 
-def _pair(image_list, tars, text_list):
+def _pair(segments, tars, text_segments):
+    """The images and texts zipped, held in memory (one segment)."""
     if tars:
         raise ValueError("Tar shards cannot be paired with a separate --texts source; embed "
                          "the captions inside the shards with --embed-captions.")
+    image_list = [item for segment in segments for item in segment_items(segment)]
+    text_list = [item for segment in text_segments for item in segment_items(segment)]
     if len(image_list) != len(text_list):
         raise ValueError(f"--images gives {len(image_list)} images and --texts gives "
                          f"{len(text_list)} texts; to embed them as aligned pairs the counts "
                          "must match. Run two jobs to embed them separately.")
-    return [dataclasses.replace(image, text=text.text, error=image.error or text.error)
-            for image, text in zip(image_list, text_list)]
+    return StoredSegment(dataclasses.replace(image, text=text.text,
+                                             error=image.error or text.error)
+                         for image, text in zip(image_list, text_list))
 
 
-def _table_metadata(items, taken, storage_options):
-    """``({table: its other columns}, {column: its type})`` of the tables among ``items``:
-    the columns ``--enable-metadata`` carries into the metadata, with their types."""
+def _table_metadata(segments, taken, storage_options):
+    """``({table: its other columns}, {column: its type})`` of the table sources: the
+    columns ``--enable-metadata`` carries into the metadata, with their types (columns of
+    image bytes are images, not metadata)."""
+    import pyarrow as pa
     by_table, types = {}, {}
-    for path in dict.fromkeys(item.table for item in items if item.table):
+    paths = [s.path for s in segments if getattr(s, "image_column", None) is not None]
+    for path in dict.fromkeys(paths):
         schema = tables.Table(path, storage_options).schema
-        names = tuple(name for name in schema.names if name not in taken)
+        names = tuple(name for name in schema.names if name not in taken and not
+                      (pa.types.is_binary(schema.field(name).type) or
+                       pa.types.is_large_binary(schema.field(name).type)))
         by_table[path] = names
         for name in names:
             types.setdefault(name, schema.field(name).type)
     return by_table, types
-
-
-def fingerprint(plan):
-    """A digest of everything that decides the output's rows, so ``--resume`` can refuse to
-    complete a job with different inputs."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([plan.embed_images, plan.embed_texts]).encode())
-    for chunk in plan.chunks:
-        digest.update(json.dumps([chunk.index, chunk.tar_path,
-                                  [[i.key, i.image_path, i.text] + ([i.image_cell] if
-                                                                    i.image_cell else [])
-                                   for i in chunk.items]]).encode())
-    return digest.hexdigest()
 
 
 def rank_chunks(chunks, rank, world_size):

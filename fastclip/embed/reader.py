@@ -74,6 +74,7 @@ class EmbedDataset(IterableDataset):
         self.table_columns = table_columns or {}
         self._buffer, self._filled = None, 0  # the batch tensor being filled (_batches)
         self._tables = None  # this worker's TableRows
+        self._chunk_items = None  # (index, inputs) of the last listed chunk read
 
     def units(self):
         """The work of the job as ``(chunk, start, stop)`` units, dealt to the workers in
@@ -85,7 +86,7 @@ class EmbedDataset(IterableDataset):
             if chunk.tar_path is not None:
                 units.append((chunk, None, None))
             else:
-                size = len(chunk.items)
+                size = chunk.size
                 units.extend((chunk, start, min(start + self.batch_size, size))
                              for start in range(0, max(size, 1), self.batch_size))
         return units
@@ -102,8 +103,15 @@ class EmbedDataset(IterableDataset):
                 # A piece of a listed chunk: one batch, numbered by its place in the chunk.
                 piece = start // self.batch_size
                 yield from self._batches(
-                    chunk, self._listed_samples(chunk.items[start:stop]), first_piece=piece,
-                    last=stop == len(chunk.items))
+                    chunk, self._listed_samples(self._items_of(chunk)[start:stop]),
+                    first_piece=piece, last=stop == chunk.size)
+
+    def _items_of(self, chunk):
+        """The inputs of a listed chunk, read from their sources once per worker (its
+        pieces are this worker's next units)."""
+        if self._chunk_items is None or self._chunk_items[0] != chunk.index:
+            self._chunk_items = (chunk.index, chunk.items)
+        return self._chunk_items[1]
 
     def _batches(self, chunk, samples, first_piece=0, last=True):
         """Batches of ``batch_size`` good rows from ``samples``; the final one says whether it

@@ -137,33 +137,74 @@ class Table:
             return self._parquet_file().metadata.num_rows
         return len(self._whole())
 
-    def columns(self, names):
-        """The table with only ``names`` (dotted names pick a struct's field)."""
+    def check_columns(self, names):
+        """Every one of ``names`` is a column (a dotted name, a struct's field)."""
         for name in names:
             if name.split(".")[0] not in self.schema.names:
                 raise _missing_column(self.path, name, self.schema.names)
-        import pyarrow as pa
-        if self.kind == "parquet":  # a struct's field is read alone, its siblings are not
-            table = self._parquet_file().read(columns=list(names))
-        else:
-            table = self._whole()
-        arrays = {}
-        for name in names:
-            top, _, field = name.partition(".")
-            column = table.column(top)
-            arrays[name] = column.combine_chunks().field(field) if field else column
-        return pa.table(arrays)
+
+    def columns(self, names):
+        """The table with only ``names`` (dotted names pick a struct's field)."""
+        return self.rows(0, self.num_rows, names)
 
     def rows(self, start, stop, names):
-        """Rows ``start`` to ``stop`` of the columns ``names``, as a pyarrow table."""
+        """Rows ``start`` to ``stop`` of the columns ``names``, as a pyarrow table (a
+        parquet file's are read from the row groups that hold them, and a struct's field
+        alone, without its siblings)."""
+        self.check_columns(names)
         if self.kind == "parquet":
-            return _parquet_rows(self._parquet_file(), start, stop, names)
-        return self._whole().select(list(names)).slice(start, stop - start)
+            table = _parquet_rows(self._parquet_file(), start, stop, names)
+        else:
+            table = self._whole().slice(start, stop - start)
+        return _named(table, names)
+
+
+def _named(table, names):
+    """``table``'s columns ``names``, a dotted name taken as a struct's field."""
+    import pyarrow as pa
+    arrays = {}
+    for name in names:
+        top, _, field = name.partition(".")
+        column = table.column(top)
+        if field:
+            column = column.combine_chunks().field(field) if len(column) else pa.array(
+                [], pa.string())
+        arrays[name] = column
+    return pa.table(arrays) if arrays else pa.table({"_": pa.array([None] * len(table))})
+
+
+def read_errors():
+    """The errors of reading a table that mean the table is bad, not fastclip."""
+    import pyarrow as pa
+    return (pa.ArrowException, UnicodeDecodeError, OSError)
+
+
+_OPEN = {}
+
+
+def open_table(path, options=None):
+    """A :class:`Table`, the last one opened kept for the next call (workers read one
+    table's shards one after another) while a local table's file is unchanged."""
+    identity = (path, _local_signature(path))
+    if _OPEN.get("identity") != identity:
+        _OPEN.clear()
+        _OPEN.update(identity=identity, table=Table(path, options))
+    return _OPEN["table"]
+
+
+def _local_signature(path):
+    if storage.is_url(path):
+        return None
+    target = os.path.join(path, _HF_STATE) if os.path.isdir(path) else path
+    try:
+        info = os.stat(target)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
 
 
 def _parquet_rows(parquet, start, stop, names):
     """Rows of a parquet file read from the row groups that hold them, and only those."""
-    import pyarrow as pa
     groups, first, offset = [], None, 0
     for index in range(parquet.metadata.num_row_groups):
         size = parquet.metadata.row_group(index).num_rows
@@ -172,7 +213,7 @@ def _parquet_rows(parquet, start, stop, names):
             first = offset if first is None else first
         offset += size
     if not groups:
-        return pa.table({name: pa.array([]) for name in names})
+        return parquet.schema_arrow.empty_table()
     return parquet.read_row_groups(groups, columns=list(names)).slice(start - first,
                                                                         stop - start)
 
@@ -216,7 +257,7 @@ class TableRows:
         if cached is None or cached[:2] != (path, tuple(names)) or \
                 not cached[2] <= index < cached[3]:
             if self._table is None or self._table.path != path:
-                self._table = Table(path, self.options)
+                self._table = open_table(path, self.options)
             stop = min(index + self.span, self._table.num_rows)
             rows = self._table.rows(index, stop, names)
             cached = self._rows = (path, tuple(names), index, stop, rows)
