@@ -146,9 +146,12 @@ def plan_job(images=(), texts=(), shard_size=100_000, image_column="image_path",
 
 
 def _chunk_json(index, tar_path, items):
-    return json.dumps([index, tar_path, [[i.key, i.image_path, i.text] +
-                                         ([i.image_cell] if i.image_cell else [])
-                                         for i in items]]).encode()
+    return json.dumps([index, tar_path, [_item_fields(i) for i in items]]).encode()
+
+
+def _item_fields(item):
+    return [item.key, item.image_path, item.text] + ([item.image_cell] if item.image_cell
+                                                     else [])
 
 
 def _stream(segments, limit):
@@ -166,26 +169,30 @@ def _stream(segments, limit):
 
 def _cut(segments, shard_size, limit, digest):
     """The chunks of the listed inputs, each ``shard_size`` of them as spans, the digest
-    updated chunk by chunk; and the 64-bit hash of each input's identity, in order."""
+    updated input by input (the bytes of ``_chunk_json``, without holding a chunk's
+    inputs); and the 64-bit hash of each input's identity, in order."""
     chunks, identities = [], array("Q")
-    items, spans = [], []
+    spans, size = [], 0
 
     def close():
-        chunks.append(Chunk(index=len(chunks), size=len(items), spans=tuple(
+        chunks.append(Chunk(index=len(chunks), size=size, spans=tuple(
             Span(segment, place, count) for segment, place, count in spans)))
-        digest.update(_chunk_json(len(chunks) - 1, None, items))
-        items.clear()
+        digest.update(b"]]")
         spans.clear()
 
     for segment, place, item in _stream(segments, limit):
+        if size == shard_size:
+            close()
+            size = 0
+        if size == 0:
+            digest.update(f"[{len(chunks)}, null, [".encode())
         if not spans or spans[-1][0] is not segment:
             spans.append([segment, place, 0])
         spans[-1][2] += 1
-        items.append(item)
+        digest.update((", " if size else "").encode() + json.dumps(_item_fields(item)).encode())
+        size += 1
         identities.append(hash((item.key, item.text)) & 0xFFFFFFFFFFFFFFFF)
-        if len(items) == shard_size:
-            close()
-    if items:
+    if size:
         close()
     return chunks, identities
 
@@ -195,11 +202,14 @@ def _mark_repeats(chunks, identities, segments, shard_size, limit):
     a path listed twice is embedded once, and the repeat is reported rather than silently
     given a second row. One image paired with two captions is two inputs. The hashes find
     the candidates; a second pass over those alone confirms them."""
-    hashes = np.frombuffer(identities, dtype=np.uint64) if len(identities) else None
-    if hashes is None or len(np.unique(hashes)) == len(hashes):
+    if len(identities) < 2:
         return chunks
-    values, counts = np.unique(hashes, return_counts=True)
-    candidates = set(values[counts > 1].tolist())
+    hashes = np.sort(np.frombuffer(identities, dtype=np.uint64))
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    if not len(repeated):
+        return chunks
+    candidates = set(repeated.tolist())
+    hashes = np.frombuffer(identities, dtype=np.uint64)
     first, repeats = {}, {}
     for position, (_, _, item) in enumerate(_stream(segments, limit)):
         if int(hashes[position]) not in candidates:
