@@ -1,6 +1,8 @@
-"""Real servers the tests start for themselves: an S3 server (moto in server mode, in its own
-process), used through the ``s3_server`` and ``s3`` fixtures of conftest.py."""
+"""Real components the tests start for themselves: an S3 server (moto in server mode, in its
+own process), used through the ``s3_server`` and ``s3`` fixtures of conftest.py; and
+``needed``, which imports the package a component needs."""
 
+import importlib
 import os
 import socket
 import subprocess
@@ -16,9 +18,18 @@ def free_port():
         return s.getsockname()[1]
 
 
+def needed(name):
+    """The module ``name``. Where it is missing, the test skips, except in CI (``CI`` set),
+    which installs the test extra: there a missing component is the test's failure."""
+    if os.environ.get("CI"):
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
+
+
 @pytest.fixture(scope="module")
 def s3_server():
     """A moto S3 server in its own process; the environment points every S3 client at it."""
+    needed("moto")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -48,7 +59,7 @@ def s3_server():
 @pytest.fixture
 def s3(s3_server, request):
     """A fresh bucket (named after the test) and an s3fs client of the server."""
-    import s3fs
+    s3fs = needed("s3fs")
     fs = s3fs.S3FileSystem(endpoint_url=s3_server, key="testing", secret="testing")
     bucket = "t-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
     fs.mkdir(bucket)

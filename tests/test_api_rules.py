@@ -111,7 +111,8 @@ def test_temporary_names_are_recognised():
 def test_embed_job_marks_the_settings_a_resume_must_keep():
     names = set(EmbedJob.resume_names())
     assert {"model", "model_dtype", "dtype", "normalized", "backend", "gpu_decode",
-            "max_pixels", "max_bytes", "image_keys", "caption_key", "model_sha256"} == names
+            "max_pixels", "max_bytes", "image_keys", "caption_key", "enable_metadata",
+            "model_sha256"} == names
     job = EmbedJob(output="out", images="photos/", image_keys=["png"])
     assert job.images == ("photos/",) and job.image_keys == ("png",)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):

@@ -12,6 +12,7 @@ import fastclip
 from fastclip.embed.ray import ClipEmbedder
 
 from embed_helpers import assert_rows_equal, image_bytes, tiny_checkpoint
+from servers import needed
 
 
 def expected_image_rows(checkpoint, encoded):
@@ -62,7 +63,7 @@ def test_wrong_column_and_arguments_are_explained():
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray instance of two CPUs for this module's tests."""
-    ray = pytest.importorskip("ray")
+    ray = needed("ray")
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
              log_to_driver=False)
     yield ray

@@ -29,10 +29,10 @@ from embed_helpers import (
     tiny_checkpoint,
     write_tar_shard,
 )
-from servers import free_port
+from servers import free_port, needed
 
-pytest.importorskip("s3fs")
-pytest.importorskip("moto")
+needed("s3fs")
+needed("moto")
 
 
 def _samples(start, count):
@@ -184,7 +184,7 @@ def http_root(tmp_path):
 
 
 def test_lists_and_shards_over_http(http_root, tmp_path):
-    pytest.importorskip("aiohttp")
+    needed("aiohttp")
     folder, base = http_root
     write_tar_shard(folder / "shard.tar", _samples(0, 4))
     for i in range(3):

@@ -21,6 +21,7 @@ from embed_helpers import (
     tiny_checkpoint,
     write_tar_shard,
 )
+from servers import needed
 
 OPTIONS = dict(model=tiny_checkpoint(), progress=False, num_workers=0, dtype="fp32")
 # The same images in batches of other sizes: fp32 products round differently.
@@ -106,7 +107,7 @@ def test_bad_cells_fail_with_short_reasons_and_a_wrong_column_type_is_refused(tm
 
 
 def test_a_folder_written_by_datasets_is_a_table_and_a_dataset_dict_names_its_splits(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    datasets = needed("datasets")
     folder, data = _images(tmp_path, 4)
     expected = _reference(tmp_path, folder, len(data))
     features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
