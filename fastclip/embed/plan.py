@@ -33,6 +33,7 @@ from .sources import (  # noqa: F401  (the names of the plan's inputs, importabl
     Item,
     expand_braces,
     expand_source,
+    image_paths,
     image_segments,
     read_column,
     segment_items,
@@ -67,9 +68,20 @@ class Chunk:
 
     @property
     def items(self):
-        """The chunk's inputs, read again from their segments."""
-        items = [item for span in self.spans
-                 for item in span.segment.read(span.place, span.count)]
+        """The chunk's inputs, read again from their segments. Inputs that cannot be read
+        again (a list that changed, a store that stopped answering) are failures, never
+        lost: the chunk has its ``size`` inputs."""
+        items = []
+        for span in self.spans:
+            try:
+                read = span.segment.read(span.place, span.count)
+                reason = "the source holds fewer inputs than when the job was planned"
+            except Exception as error:  # this span's inputs fail; the job goes on
+                read, reason = [], f"not read again: {type(error).__name__}: {error}"[:500]
+            items.extend(read[:span.count])
+            first = len(items)
+            items.extend([Item(key=f"shard {self.index} input {first + i}", error=reason)
+                          for i in range(span.count - len(read))])
         for place, first in self.repeats:
             if place < len(items) and items[place].error is None:
                 items[place] = dataclasses.replace(items[place], error=(
@@ -115,32 +127,38 @@ def plan_job(images=(), texts=(), shard_size=100_000, image_column="image_path",
     if shard_size < 1:
         raise ValueError(f"--shard-size must be at least 1, got {shard_size}.")
     caption_column = text_column if embed_captions else None
-    segments, tars = [], []
-    for source in images:
-        for kind, value in image_segments(source, image_column, caption_column,
-                                          storage_options):
-            (tars if kind == "tar" else segments).append(value)
-    image_sources = list(segments)
-    if texts:
-        text_list = [segment for source in texts
-                     for segment in text_segments(source, text_column, storage_options)]
-        segments = [_pair(segments, tars, text_list)] if images else text_list
+    paths = [kind_path for source in images for kind_path in image_paths(source,
+                                                                          storage_options)]
+    tars = [path for kind, path in paths if kind == "tar"]
     if limit is not None and tars:
         raise ValueError("--limit applies to folder, list and table inputs; for tar "
                          "shards, select fewer shards with a brace range instead.")
+    segments = (segment for kind, path in paths if kind == "listed"
+                for segment in image_segments(path, image_column, caption_column,
+                                              storage_options))
+    paired = []  # the image segments, when they are paired with --texts
+    if texts:
+        text_list = (segment for source in texts
+                     for segment in text_segments(source, text_column, storage_options))
+        if images:
+            paired = list(segments)
+            segments = iter([_pair(paired, tars, list(text_list))])
+        else:
+            segments = text_list
     plan = Plan(chunks=[], embed_images=bool(images), embed_texts=bool(texts) or embed_captions,
                 metadata_columns=("key", "image_path", "caption") if images else
                 ("key", "caption"))
     digest = hashlib.sha256(json.dumps([plan.embed_images, plan.embed_texts]).encode())
-    plan.chunks, identities = _cut(segments, shard_size, limit, digest)
-    plan.chunks = _mark_repeats(plan.chunks, identities, segments, shard_size, limit)
+    seen = []  # the segments, kept as the plan reads them (each without its inputs)
+    plan.chunks, identities = _cut(_kept(segments, seen), shard_size, limit, digest)
+    plan.chunks = _mark_repeats(plan.chunks, identities, seen, shard_size, limit)
     plan.chunks += [Chunk(index=len(plan.chunks) + i, tar_path=path)
                     for i, path in enumerate(tars)]
     for chunk in plan.chunks[len(plan.chunks) - len(tars):]:
         digest.update(_chunk_json(chunk.index, chunk.tar_path, ()))
     if enable_metadata:
         plan.table_columns, plan.metadata_types = _table_metadata(
-            image_sources, plan.metadata_columns + (image_column, text_column), storage_options)
+            paired or seen, plan.metadata_columns + (image_column, text_column), storage_options)
     plan.fingerprint = digest.hexdigest()
     return plan
 
@@ -154,11 +172,18 @@ def _item_fields(item):
                                                      else [])
 
 
+def _kept(segments, seen):
+    for segment in segments:
+        seen.append(segment)
+        yield segment
+
+
 def _stream(segments, limit):
     """``(segment, place, item)`` of every input, in order, up to ``limit``."""
-    count = 0
-    for segment in segments:
-        if limit is not None and count >= limit:
+    count, segments = 0, iter(segments)
+    while limit is None or count < limit:  # no segment is made past the limit
+        segment = next(segments, None)
+        if segment is None:
             return
         for place, item in segment.iterate():
             count += 1

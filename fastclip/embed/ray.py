@@ -120,10 +120,19 @@ def _run_rank(job, rank, world_size):
     import os
 
     from .runner import run
-    for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        os.environ.pop(name, None)  # the tasks meet through the output folder only
+    names = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK", "WORLD_SIZE",
+             "LOCAL_WORLD_SIZE")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    # The tasks meet through the output folder only (no process group).
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="1")
-    return run(job)
+    try:
+        return run(job)
+    finally:  # a Ray worker process is reused by later tasks
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def run_on_ray(job, tasks, num_cpus=1, num_gpus=0, address=None):

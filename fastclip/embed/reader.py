@@ -177,9 +177,18 @@ class EmbedDataset(IterableDataset):
             raise InputError(f"row {item.row} of {item.table} unreadable: "
                              f"{type(error).__name__}: {error}") from None
 
-    def _cell_image(self, item):
+    def _row_names(self, item):
+        """The columns of ``item``'s table row that the job reads: the image cell and the
+        --enable-metadata columns, read together (one read of the row)."""
+        names = [item.image_cell] if item.image_cell else []
+        if self.enable_metadata:
+            names += [n for n in self.table_columns.get(item.table, ()) if n not in names]
+        return names
+
+    def _cell_image(self, item, row=None):
         """The image bytes of a table cell: binary, or a ``{bytes, path}`` struct."""
-        value = self._table_row(item, [item.image_cell])[item.image_cell]
+        row = row if row is not None else self._table_row(item, self._row_names(item))
+        value = row[item.image_cell]
         if isinstance(value, dict):
             if value.get("bytes") is None and value.get("path"):
                 return self._read_path(storage.join(item.table, value["path"]))
@@ -214,21 +223,22 @@ class EmbedDataset(IterableDataset):
                 yield ({"key": item.key, "image_path": item.image_path, "caption": item.text},
                        None, item.error)
                 continue
-            text, extra = item.text, {}
+            text, extra, row = item.text, {}, None
             try:
                 fields = self._sidecar_fields(item) if item.sidecars else {}
                 if text is None and self.embed_texts:
                     error = fields.get(caption_extension(self.caption_key))
                     text = error if isinstance(error, InputError) else \
                         sample_caption(fields, self.caption_key)
+                names = self._row_names(item) if item.table else []
+                row = self._table_row(item, names) if names else None
                 if self.enable_metadata:
                     extra = json_fields(fields)
-                    names = self.table_columns.get(item.table, ())
-                    if names:
-                        extra.update(self._table_row(item, names))
+                    extra.update({name: value for name, value in (row or {}).items()
+                                  if name != item.image_cell})
             except InputError as error:
                 text = error
-            read = (partial(self._cell_image, item) if item.image_cell
+            read = (partial(self._cell_image, item, row) if item.image_cell
                     else partial(self._read_path, item.image_path))
             yield self._sample(item.key, item.image_path, text, read, extra)
 

@@ -36,7 +36,8 @@ class ListSegment:
 
     def __init__(self, path, texts=False, storage_options=None):
         self.path, self.texts, self.storage_options = path, texts, storage_options
-        remote = storage.is_url(path)
+        self.signature = None  # taken as planning reads it
+        remote = self._remote = storage.is_url(path)
         folder = posixpath.dirname(path) if remote else os.path.dirname(storage.local_path(path))
         separator = "/" if remote else os.sep
         # What os.path.join(folder, relative) puts before a relative path, once.
@@ -46,9 +47,10 @@ class ListSegment:
     def _resolve(self, line):
         """A listed path against the list's folder (``storage.join``, for each line)."""
         line = line.strip()
-        if line.startswith("/") or (("://" in line or "::" in line) and storage.is_url(line)):
+        if line.startswith("/") or ("://" in line and storage.is_plain_url(line)):
             return line
-        return self._prefix + line
+        path = self._prefix + line
+        return storage.literal_path(path) if ":" in path and not self._remote else path
 
     def _item(self, raw, number):
         try:
@@ -67,20 +69,34 @@ class ListSegment:
         return Item(key=path, image_path=path)
 
     def _lines(self, offset=0, number=0):
-        with storage.open_input(self.path, self.storage_options) as f:
-            f.seek(offset)
-            for raw in f:
+        # An http(s) server may not answer range requests: the list is streamed from its
+        # start, and read up to the offset.
+        web = storage.is_url(self.path) and storage.protocol_of(self.path) in ("http", "https")
+        with storage.open_input(self.path, self.storage_options,
+                                **({"block_size": 0} if web else {})) as f:
+            if web:
+                skipped = 0
+                while skipped < offset:
+                    block = f.read(min(1 << 20, offset - skipped))
+                    if not block:
+                        break
+                    skipped += len(block)
+            else:
+                f.seek(offset)
+            for raw in (_streamed_lines(f) if web else f):
                 number += 1
                 yield offset, number, raw
                 offset += len(raw)
 
     def iterate(self):
+        self.signature = storage.signature(self.path, self.storage_options)
         for offset, number, raw in self._lines():
             item = self._item(raw, number)
             if item is not None:
                 yield (offset, number - 1), item
 
     def read(self, place, count):
+        _unchanged(self, "list")
         items = []
         for _, number, raw in self._lines(*place):
             item = self._item(raw, number)
@@ -89,6 +105,29 @@ class ListSegment:
                 if len(items) == count:
                     break
         return items
+
+
+def _streamed_lines(f, block_size=1 << 20):
+    """The lines of a stream that cannot seek (which ``readline`` of fsspec's files
+    needs), each with its ``\n``."""
+    pending = b""
+    while block := f.read(block_size):
+        pending += block
+        start = 0
+        while (end := pending.find(b"\n", start)) >= 0:
+            yield pending[start:end + 1]
+            start = end + 1
+        pending = pending[start:]
+    if pending:
+        yield pending
+
+
+def _unchanged(segment, kind):
+    """Refuse to read a list or a table again if it is not the file that was planned."""
+    if segment.signature is not None and \
+            storage.signature(segment.path, segment.storage_options) != segment.signature:
+        raise ValueError(f"the {kind} {segment.path} changed since the job was planned; "
+                         "plan the job again (a new output folder)")
 
 
 def _sidecars(folder, names, join):
@@ -167,8 +206,14 @@ def remote_folder_items(url, storage_options):
     for path in listed:
         folder, _, name = path.rpartition("/")
         by_folder.setdefault(folder, []).append(name)
-    return [item for folder, names in by_folder.items()
-            for item in _folder_images(folder, names, posixpath.join)]
+    sidecars = {folder: _sidecars(folder, names, posixpath.join)
+                for folder, names in by_folder.items()}
+    items = []
+    for path in listed:  # the store's sorted order, as a local folder's paths sort
+        folder, _, name = path.rpartition("/")
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            items.append(Item(key=path, image_path=path, sidecars=sidecars[folder][name]))
+    return items
 
 
 class TableSegment:
@@ -180,6 +225,9 @@ class TableSegment:
         self.path, self.storage_options = path, storage_options
         self.image_column, self.caption_column = image_column, caption_column
         self.text_column = text_column  # a --texts table: the texts alone
+        self.signature = None if os.path.isdir(path) or storage.is_url(path) and \
+            storage.remote_isdir(path, storage_options) else \
+            storage.signature(path, storage_options)
         try:
             table = tables.Table(path, storage_options)
             self.cells = (tables.image_cells(table.schema, image_column, path)
@@ -236,6 +284,7 @@ class TableSegment:
             yield from enumerate(self._items(self._rows(start, stop), start), start)
 
     def read(self, place, count):
+        _unchanged(self, "table")
         return self._items(self._rows(place, min(place + count, self.count)), place)
 
 

@@ -45,9 +45,14 @@ def expand_source(source, storage_options=None):
     if storage.is_pipe(source):
         return [source]
     if storage.is_url(source):
+        if storage.remote_exists(source, storage_options):
+            return [source]
         return [path for pattern in expand_braces(source)
                 for path in storage.expand_remote(pattern, storage_options)]
-    source = storage.local_path(source)
+    return [storage.literal_path(path) for path in _expand_local(storage.local_path(source))]
+
+
+def _expand_local(source):
     if os.path.exists(source):
         return [source]
     paths = []
@@ -88,30 +93,30 @@ def _is_dataset_folder(path, storage_options):
         tables.dataset_folder_files(path, storage_options) is not None
 
 
-def image_segments(source, image_column, caption_column, storage_options=None):
-    """The segments (``segments``) of one ``--images`` source, and its tar shards, in order:
-    yields ``("segment", segment)`` and ``("tar", path)``."""
+def image_paths(source, storage_options=None):
+    """``(kind, path)`` of what one ``--images`` source names, in order: ``"tar"`` for a tar
+    shard, ``"listed"`` for a folder, a list, a table or an image file."""
+    return [("tar" if storage.is_pipe(path) or path.lower().endswith(TAR_EXTENSIONS)
+             else "listed", path) for path in expand_source(source, storage_options)]
+
+
+def image_segments(path, image_column, caption_column, storage_options=None):
+    """The segments (``segments``) of one listed image path, made as they are reached (a
+    folder tree is walked as the plan reads it)."""
     from . import segments
-    for path in expand_source(source, storage_options):
-        if storage.is_pipe(path) or path.lower().endswith(TAR_EXTENSIONS):
-            yield "tar", path
-        elif is_folder(path, storage_options):
-            if tables.dataset_folder_files(path, storage_options) is not None:
-                yield "segment", segments.TableSegment(path, image_column, caption_column,
-                                                       storage_options)
-            elif storage.is_url(path):
-                yield "segment", segments.StoredSegment(
-                    segments.remote_folder_items(path, storage_options))
-            else:
-                for segment in segments.folder_segments(path):
-                    yield "segment", segment
-        elif path.endswith(".txt"):
-            yield "segment", segments.ListSegment(path, storage_options=storage_options)
-        elif tables.is_table(path):
-            yield "segment", segments.TableSegment(path, image_column, caption_column,
-                                                   storage_options)
+    if is_folder(path, storage_options):
+        if tables.dataset_folder_files(path, storage_options) is not None:
+            yield segments.TableSegment(path, image_column, caption_column, storage_options)
+        elif storage.is_url(path):
+            yield segments.StoredSegment(segments.remote_folder_items(path, storage_options))
         else:
-            yield "segment", segments.StoredSegment([Item(key=path, image_path=path)])
+            yield from segments.folder_segments(path)
+    elif path.endswith(".txt"):
+        yield segments.ListSegment(path, storage_options=storage_options)
+    elif tables.is_table(path):
+        yield segments.TableSegment(path, image_column, caption_column, storage_options)
+    else:
+        yield segments.StoredSegment([Item(key=path, image_path=path)])
 
 
 def text_segments(source, text_column, storage_options=None):

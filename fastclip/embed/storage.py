@@ -14,7 +14,9 @@ import io
 import os
 import posixpath
 import re
+import signal
 import subprocess
+import threading
 
 from ..images import InputError
 
@@ -86,15 +88,51 @@ def unreachable(url, error):
                         "--storage-options).")
 
 
+def is_plain_url(path):
+    """A URL of one store (``scheme://...``), not a chain (``simplecache::s3://...``, which
+    may copy a whole object to a local cache): the only URLs read from lists and tables."""
+    return "::" not in path and is_url(path)
+
+
 def join(base, relative):
-    """``relative`` (a path in a list or a table) against the folder of ``base``; a URL or
-    an absolute path stays itself."""
+    """``relative`` (a path in a list or a table) against the folder of ``base``; a plain
+    URL or an absolute path stays itself. Anything else is a path in that folder (a
+    ``pipe:`` or a chained URL written in a list is a file name there, never run)."""
     relative = relative.strip()
-    if is_url(relative) or os.path.isabs(relative):
+    if is_plain_url(relative) or os.path.isabs(relative):
         return relative
     if is_url(base):
         return posixpath.join(posixpath.dirname(base), relative)
-    return os.path.join(os.path.dirname(local_path(base)), relative)
+    return literal_path(os.path.join(os.path.dirname(local_path(base)), relative))
+
+
+def literal_path(path):
+    """A local path that would read as a pipe or a URL (a file named ``pipe:x.tar``, a list
+    line ``simplecache::https://...``) made plainly a path: only what the user typed is
+    ever a command or a URL."""
+    if is_pipe(path) or is_url(path):
+        return os.path.join(os.curdir, path)
+    return path
+
+
+def signature(path, options=None):
+    """What says that a list or a table is still the file it was when planned: its size
+    and modification time (an object's ETag where the store has one)."""
+    if not is_url(path):
+        info = os.stat(local_path(path))
+        return info.st_size, info.st_mtime_ns
+    fs, remote = filesystem(path, options)
+    info = fs.info(remote)
+    return info.get("size"), str(info.get("ETag") or info.get("LastModified") or
+                                 info.get("mtime") or "")
+
+
+def remote_exists(url, options=None):
+    fs, path = filesystem(url, options)
+    try:
+        return fs.exists(path)
+    except Exception as error:
+        raise unreachable(url, error) from None
 
 
 def read_remote(url, max_bytes, options=None):
@@ -115,13 +153,23 @@ def read_remote(url, max_bytes, options=None):
 
 
 class _PipeStream(io.RawIOBase):
-    """The standard output of ``pipe:COMMAND``; closing it ends the command, and a command
-    that failed is an error when its output ends."""
+    """The standard output of ``pipe:COMMAND``; closing it ends the command (its whole
+    process group), and a command that failed is an error when its output ends. Its
+    standard error is drained as it comes (a full pipe would stall the command), keeping
+    the last 2,000 bytes for the message."""
 
     def __init__(self, command):
         self.command = command
         self.process = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=True)
+        self.errors = b""
+        self.drain = threading.Thread(target=self._drain, daemon=True)
+        self.drain.start()
+
+    def _drain(self):
+        for chunk in iter(lambda: self.process.stderr.read1(65536), b""):
+            self.errors = (self.errors + chunk)[-2000:]
 
     def readable(self):
         return True
@@ -130,17 +178,22 @@ class _PipeStream(io.RawIOBase):
         count = self.process.stdout.readinto(buffer)
         if count == 0:
             status = self.process.wait()
+            self.drain.join(timeout=5)
             if status != 0:
-                detail = self.process.stderr.read(2000).decode(errors="replace").strip()
+                detail = self.errors.decode(errors="replace").strip()
                 raise OSError(f"the command {self.command!r} exited with status {status}"
                               + (f": {detail}" if detail else ""))
         return count
 
     def close(self):
         if self.process.poll() is None:
-            self.process.kill()
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.process.wait()
         self.process.stdout.close()
+        self.drain.join(timeout=5)
         self.process.stderr.close()
         super().close()
 
@@ -167,7 +220,8 @@ def expand_remote(pattern, options=None):
         if fs.exists(path):
             return [pattern]
         import glob
-        if glob.has_magic(path):
+        # An http(s) URL is one object: a ? or a * in it is part of its name or its query.
+        if glob.has_magic(path) and protocol_of(pattern) not in ("http", "https"):
             matches = sorted(fs.glob(path))
             if matches:
                 return [_unstrip(fs, pattern, match) for match in matches]
@@ -208,12 +262,13 @@ def remote_files(url, extensions, options=None):
             if name.lower().endswith(extensions)]
 
 
-def open_input(path, options=None, mode="rb"):
-    """A file object of a list or a table, local or remote."""
+def open_input(path, options=None, mode="rb", **open_options):
+    """A file object of a list or a table, local or remote (``open_options`` go to the
+    store's ``open``)."""
     if not is_url(path):
         return open(local_path(path), mode)
     fs, remote = filesystem(path, options)
-    return fs.open(remote, mode)
+    return fs.open(remote, mode, **open_options)
 
 
 # ---------------------------------------------------------------------------------------

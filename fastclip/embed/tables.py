@@ -73,7 +73,8 @@ def _csv_table(path, columns, options):
     """A CSV file's columns, every one as text (a CSV has no types; "1.50" stays "1.50")."""
     import pyarrow.csv as pacsv
     with storage.open_input(path, options) as f:
-        header = pacsv.open_csv(f).schema.names
+        header = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(
+            newlines_in_values=True)).schema.names
     missing = [c for c in columns or () if c not in header]
     if missing:
         raise _missing_column(path, missing[0], header)
@@ -81,8 +82,9 @@ def _csv_table(path, columns, options):
     wanted = list(columns) if columns is not None else header
     convert = pacsv.ConvertOptions(include_columns=wanted,
                                    column_types={name: pa.string() for name in wanted})
+    parse = pacsv.ParseOptions(newlines_in_values=True)  # quoted captions over lines
     with storage.open_input(path, options) as f:
-        return pacsv.read_csv(f, convert_options=convert)
+        return pacsv.read_csv(f, parse_options=parse, convert_options=convert)
 
 
 def _missing_column(path, column, names):
@@ -99,6 +101,7 @@ class Table:
         self.files = dataset_folder_files(path, options) if not is_table(path) else None
         self._arrow = None
         self._parquet = None
+        self._groups = None  # the row groups read last: ((groups, names), table)
 
     @property
     def kind(self):
@@ -138,9 +141,9 @@ class Table:
         return len(self._whole())
 
     def check_columns(self, names):
-        """Every one of ``names`` is a column (a dotted name, a struct's field)."""
+        """Every one of ``names`` is a column, or a struct's field (``column.field``)."""
         for name in names:
-            if name.split(".")[0] not in self.schema.names:
+            if name not in self.schema.names and name.split(".")[0] not in self.schema.names:
                 raise _missing_column(self.path, name, self.schema.names)
 
     def columns(self, names):
@@ -153,21 +156,43 @@ class Table:
         alone, without its siblings)."""
         self.check_columns(names)
         if self.kind == "parquet":
-            table = _parquet_rows(self._parquet_file(), start, stop, names)
+            table = self._parquet_rows(start, stop, names)
         else:
             table = self._whole().slice(start, stop - start)
         return _named(table, names)
 
 
+    def _parquet_rows(self, start, stop, names):
+        """Rows of a parquet file read from the row groups that hold them, the last ones
+        read kept for the next rows (a worker reads a shard's rows in order)."""
+        parquet, groups, first, offset = self._parquet_file(), [], None, 0
+        for index in range(parquet.metadata.num_row_groups):
+            size = parquet.metadata.row_group(index).num_rows
+            if offset + size > start and offset < stop:
+                groups.append(index)
+                first = offset if first is None else first
+            offset += size
+        if not groups:
+            return parquet.schema_arrow.empty_table()
+        key = (tuple(groups), tuple(names))
+        if self._groups is None or self._groups[0] != key:
+            self._groups = (key, parquet.read_row_groups(groups, columns=list(names)))
+        return self._groups[1].slice(start - first, stop - start)
+
+
 def _named(table, names):
-    """``table``'s columns ``names``, a dotted name taken as a struct's field."""
+    """``table``'s columns ``names``; a dotted name that is not a column is a struct's
+    field (read without the struct's other fields, nulls kept)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     arrays = {}
     for name in names:
         top, _, field = name.partition(".")
-        column = table.column(top)
-        if field:
-            column = column.combine_chunks().field(field) if len(column) else pa.array(
+        if name in table.column_names or not field:
+            column = table.column(name)
+        else:
+            column = table.column(top)
+            column = pc.struct_field(column, field) if len(column) else pa.array(
                 [], pa.string())
         arrays[name] = column
     return pa.table(arrays) if arrays else pa.table({"_": pa.array([None] * len(table))})
@@ -201,21 +226,6 @@ def _local_signature(path):
     except OSError:
         return None
     return info.st_mtime_ns, info.st_size, info.st_ino
-
-
-def _parquet_rows(parquet, start, stop, names):
-    """Rows of a parquet file read from the row groups that hold them, and only those."""
-    groups, first, offset = [], None, 0
-    for index in range(parquet.metadata.num_row_groups):
-        size = parquet.metadata.row_group(index).num_rows
-        if offset + size > start and offset < stop:
-            groups.append(index)
-            first = offset if first is None else first
-        offset += size
-    if not groups:
-        return parquet.schema_arrow.empty_table()
-    return parquet.read_row_groups(groups, columns=list(names)).slice(start - first,
-                                                                        stop - start)
 
 
 def image_cells(schema, column, path):
