@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import fastclip
-from fastclip.images import decode_image
+from fastclip.images import decode_image, decode_jpeg_pixels
 from fastclip.ops import preprocess as fused
 
 from timing import Rounds
@@ -70,17 +70,20 @@ def record(benchmark, rounds, task, size, count, baseline):
     benchmark.extra_info.update(rounds.summary(count, baseline=baseline))
 
 
-def race_openai(benchmark, sizes, inputs, to_image, third, task, size):
+def race_openai(benchmark, sizes, inputs, to_image, third, task, size, ours_from=None):
     """Rounds of OpenAI's transform against ``fastclip.Preprocess`` on ``to_image(x)`` for
-    each of ``inputs``, and a third contender ``third = (name, function)``; every round
-    checks that the two give equal tensors."""
+    each of ``inputs`` (or fastclip's own ``ours_from(preprocess, x)``), and a third
+    contender ``third = (name, function)``; every round checks that the two give equal
+    tensors."""
     if not fused.available("cpu"):
         pytest.skip("fastclip._C is not built")
     openai, ours = openai_transform(224), fastclip.Preprocess(224)
+    ours_from = ours_from or (lambda preprocess, x: preprocess(to_image(x)))
     outputs = {}
     contenders = {
         "openai": lambda: outputs.__setitem__("openai", [openai(to_image(x)) for x in inputs]),
-        "fastclip": lambda: outputs.__setitem__("fastclip", [ours(to_image(x)) for x in inputs]),
+        "fastclip": lambda: outputs.__setitem__("fastclip",
+                                                [ours_from(ours, x) for x in inputs]),
         third[0]: third[1],
     }
     rounds = Rounds(contenders)
@@ -108,12 +111,18 @@ def test_preprocess_decoded_images(benchmark, sizes, size, one_thread):
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_decode_and_preprocess(benchmark, sizes, size, one_thread):
-    """JPEG bytes to the model's input: PIL's decode then the op, against PIL's decode then
-    OpenAI's transform (the decode, libjpeg-turbo through PIL, is the same in both)."""
+    """JPEG bytes to the model's input, as the embed job's workers do it: libjpeg-turbo's
+    decode straight to pixels (simplejpeg, the same pixels as PIL's), then the op, against
+    PIL's decode (libjpeg-turbo too) then OpenAI's transform; and PIL's decode alone."""
     jpegs = photo_jpegs(IMAGES[sizes], size, seed=1)
+    assert all(decode_jpeg_pixels(data) is not None for data in jpegs)
+
+    def ours_from(preprocess, data):
+        return preprocess.into_pixels(decode_jpeg_pixels(data), torch.empty(3, 224, 224))
+
     race_openai(benchmark, sizes, jpegs, decode_image,
-                ("decode alone", lambda: [decode_image(data) for data in jpegs]),
-                "decode + preprocess", size)
+                ("PIL decode alone", lambda: [decode_image(data) for data in jpegs]),
+                "decode + preprocess", size, ours_from)
 
 
 def test_embed_input_ceiling(benchmark, sizes, one_thread):

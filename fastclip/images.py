@@ -169,3 +169,82 @@ def decode_image(data, max_pixels=DEFAULT_MAX_PIXELS):
         raise InputError(f"corrupt or truncated image: {type(error).__name__}: {error}") \
             from None
     return image
+
+
+# ---------------------------------------------------------------------------------------
+# JPEGs decoded straight to pixels
+
+# The JPEG colour spaces whose decode to RGB is the same arithmetic in libjpeg-turbo
+# (simplejpeg) as in PIL followed by OpenAI's convert("RGB"): YCbCr and grayscale. CMYK and
+# YCCK take PIL's path (its own CMYK conversion).
+_PLAIN_JPEG = ("YCbCr", "Gray")
+
+
+def decode_jpeg_pixels(data, max_pixels=DEFAULT_MAX_PIXELS):
+    """The ``(H, W, 3)`` uint8 RGB pixels of a plain JPEG, decoded by libjpeg-turbo through
+    simplejpeg (no PIL image is made): the same pixels as ``decode_image(data)``
+    converted to RGB. None where that is not certain: not a JPEG, another colour space, a
+    stream with any damage (simplejpeg's strict mode refuses what libjpeg would only warn
+    of), an image over ``max_pixels``, simplejpeg not installed, or not giving Pillow's
+    pixels on this machine (:func:`jpeg_agrees_with_pillow`). Then ``decode_image`` decides,
+    and reports what is wrong."""
+    if not data.startswith(b"\xff\xd8\xff") or not jpeg_agrees_with_pillow():
+        return None
+    import simplejpeg
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in _PLAIN_JPEG or width * height > max_pixels:
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False,
+                                      fastupsample=False, strict=True)
+    except (ValueError, MemoryError):
+        return None
+
+
+_JPEG_CHECK = {}
+_JPEG_CHECK_LOCK = threading.Lock()
+
+
+def jpeg_agrees_with_pillow():
+    """Whether simplejpeg is installed and decodes probe JPEGs (4:4:4, 4:2:2 and 4:2:0
+    subsampling, progressive, restart markers, grayscale; odd sizes) to exactly the
+    pixels of the installed PIL: checked once per process."""
+    with _JPEG_CHECK_LOCK:
+        if "agrees" not in _JPEG_CHECK:
+            _JPEG_CHECK["agrees"] = _check_jpeg_decoder()
+        return _JPEG_CHECK["agrees"]
+
+
+def _check_jpeg_decoder():
+    try:
+        import numpy as np
+        import simplejpeg
+    except ImportError:
+        return False
+    rng = np.random.default_rng(0)
+    for width, height, mode, options in (
+            (67, 45, "RGB", dict(subsampling=0)), (96, 33, "RGB", dict(subsampling=1)),
+            (129, 71, "RGB", dict(subsampling=2, progressive=True)),
+            (50, 50, "RGB", dict(subsampling=2, restart_marker_blocks=1)),
+            (41, 23, "L", {})):
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)],
+                        -1) + rng.normal(0, 30, (height, width, 3))
+        pixels = np.clip(base, 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels).convert(mode)
+        buffer = io.BytesIO()
+        try:
+            image.save(buffer, "JPEG", quality=85, **options)
+        except (OSError, TypeError, ValueError):  # an option this Pillow lacks
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=85)
+        data = buffer.getvalue()
+        expected = np.asarray(decode_image(data).convert("RGB"))
+        try:
+            got = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False,
+                                         fastupsample=False, strict=True)
+        except ValueError:
+            return False
+        if got.shape != expected.shape or not np.array_equal(got, expected):
+            return False
+    return True

@@ -227,6 +227,24 @@ class Preprocess:
             return out
         return out.copy_(self.reference(image))
 
+    def into_pixels(self, pixels, out):
+        """Preprocess decoded RGB pixels (an ``(H, W, 3)`` uint8 array, the pixels of the
+        PIL image ``into`` would take) into ``out`` through the compiled op; returns
+        ``out``, or None where the op does not apply (then give ``into`` a PIL image)."""
+        height, width = pixels.shape[:2]
+        new_width, new_height = resized_size(width, height, self.n_px)
+        if not (pixels.ndim == 3 and pixels.shape[2] == 3 and out.device.type == "cpu"
+                and out.dtype in fused.DTYPES and self.path == "compiled op"
+                and max(width, height, new_width, new_height) <= fused.MAX_SIDE):
+            return None
+        fused.resize_crop_normalize(
+            torch.from_numpy(pixels) if not isinstance(pixels, torch.Tensor) else pixels,
+            (new_height, new_width),
+            normalization_table(self.mean, self.std, out.dtype,
+                                compute=torch.get_default_dtype()), out,
+            fused.vertical_first(width, height, new_width, new_height))
+        return out
+
     def reference(self, image):
         """PIL's calls in OpenAI's order: the path for every mode, and the op's reference."""
         image = center_crop(resize_shorter_side(image, self.n_px), self.n_px)

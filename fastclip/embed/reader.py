@@ -16,7 +16,14 @@ from functools import partial
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, InputError, decode_image, read_file
+from ..images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    InputError,
+    decode_image,
+    decode_jpeg_pixels,
+    read_file,
+)
 from ..tokenizer import tokenize
 from ..transform import resized_size
 from . import device_decode, storage
@@ -31,17 +38,21 @@ from .shards import (  # noqa: F401  (iter_webdataset and sample_image: importab
 from .tables import TableRows
 
 
+def check_resized_size(preprocess, width, height, max_pixels):
+    new_width, new_height = resized_size(width, height, preprocess.n_px)
+    if new_width * new_height > max_pixels:
+        raise InputError(f"aspect ratio too extreme: {width}x{height} would be resized to "
+                         f"{new_width}x{new_height} = {new_width * new_height} pixels, more "
+                         f"than the limit of {max_pixels}")
+
+
 def preprocess_bounded(preprocess, image, max_pixels, out=None):
     """``preprocess(image)`` (into ``out`` when given), refused when the resize alone would
     exceed ``max_pixels``: an extreme aspect ratio (1 x 400,000 pixels) passes the limit as it
     is, but not once its shorter side is resized to the model's size; a MemoryError is this
     input's failure."""
     width, height = image.size
-    new_width, new_height = resized_size(width, height, preprocess.n_px)
-    if new_width * new_height > max_pixels:
-        raise InputError(f"aspect ratio too extreme: {width}x{height} would be resized to "
-                         f"{new_width}x{new_height} = {new_width * new_height} pixels, more "
-                         f"than the limit of {max_pixels}")
+    check_resized_size(preprocess, width, height, max_pixels)
     try:
         return preprocess(image) if out is None else preprocess.into(image, out)
     except MemoryError:
@@ -281,12 +292,31 @@ class EmbedDataset(IterableDataset):
                     image = device_decode.device_decodable(data, self.max_pixels)
                 if image is None:
                     slot = self._free_row()
-                    image = preprocess_bounded(self.preprocess, decode_image(data, self.max_pixels),
-                                               self.max_pixels, slot)
+                    image = self._jpeg_into(data, slot) if slot is not None else None
+                    if image is None:
+                        image = preprocess_bounded(
+                            self.preprocess, decode_image(data, self.max_pixels),
+                            self.max_pixels, slot)
                     self._filled += slot is not None
         except InputError as error:
             return row, None, str(error)
         return row, image, None
+
+    def _jpeg_into(self, data, slot):
+        """A plain JPEG decoded straight to pixels and preprocessed into ``slot`` by the
+        compiled op (the same tensor as PIL's decode and the op give); None where that path
+        does not apply (``images.decode_jpeg_pixels``)."""
+        if getattr(self.preprocess, "path", None) != "compiled op":
+            return None
+        pixels = decode_jpeg_pixels(data, self.max_pixels)
+        if pixels is None:
+            return None
+        check_resized_size(self.preprocess, pixels.shape[1], pixels.shape[0], self.max_pixels)
+        try:
+            return self.preprocess.into_pixels(pixels, slot)
+        except MemoryError:
+            raise InputError(f"out of memory preprocessing a {pixels.shape[1]}x"
+                             f"{pixels.shape[0]} image") from None
 
     @staticmethod
     def _stacked(images, buffer):
