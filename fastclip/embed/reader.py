@@ -20,6 +20,7 @@ from ..images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     InputError,
+    PixelBuffer,
     decode_image,
     decode_jpeg_pixels,
     read_file,
@@ -86,6 +87,7 @@ class EmbedDataset(IterableDataset):
         self._buffer, self._filled = None, 0  # the batch tensor being filled (_batches)
         self._tables = None  # this worker's TableRows
         self._chunk_items = None  # (index, inputs) of the last listed chunk read
+        self._pixels = None  # this worker's PixelBuffer
 
     def units(self):
         """The work of the job as ``(chunk, start, stop)`` units, dealt to the workers in
@@ -308,7 +310,9 @@ class EmbedDataset(IterableDataset):
         does not apply (``images.decode_jpeg_pixels``)."""
         if getattr(self.preprocess, "path", None) != "compiled op":
             return None
-        pixels = decode_jpeg_pixels(data, self.max_pixels)
+        if self._pixels is None:
+            self._pixels = PixelBuffer()
+        pixels = decode_jpeg_pixels(data, self.max_pixels, self._pixels)
         if pixels is None:
             return None
         check_resized_size(self.preprocess, pixels.shape[1], pixels.shape[0], self.max_pixels)
