@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 
-from machine import cpu_model
+from machine import report, small_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,19 +77,14 @@ def main():
                 "streamed": plan_in_process(REPO, list_path, args.shard_size)}
     if runs["baseline"]["fingerprint"] != runs["streamed"]["fingerprint"]:
         raise SystemExit("The two plans differ: their fingerprints are not equal.")
-    result = {"machine": {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
-                          "python": sys.version.split()[0]},
+    result = {"machine": small_machine(),
               "lines": args.lines, "shard_size": args.shard_size, "baseline": args.baseline,
               "runs": runs,
+              # Peaks under 1 MiB are not told apart from the process's own noise.
               "memory_ratio": runs["baseline"]["peak_mib"] / max(runs["streamed"]["peak_mib"],
-                                                                 1e-9),
+                                                                 1.0),
               "time_ratio": runs["streamed"]["seconds"] / runs["baseline"]["seconds"]}
-    print(markdown(result))
-    if args.output:
-        with open(args.output + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        with open(args.output + ".md", "w") as f:
-            f.write(markdown(result))
+    report(result, markdown, args.output)
 
 
 def markdown(result):

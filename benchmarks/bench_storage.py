@@ -13,7 +13,6 @@ the HTTP round trips, not a real store's bandwidth.
 
 import argparse
 import io
-import json
 import os
 import socket
 import statistics
@@ -26,7 +25,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from machine import cpu_model
+from machine import report, small_machine
 
 
 def start_moto():
@@ -103,17 +102,11 @@ def main():
         server.wait()
     items = args.shards * args.per_shard
     rates = {name: items / statistics.median(times) for name, times in seconds.items()}
-    result = {"machine": {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
-                          "python": sys.version.split()[0]},
+    result = {"machine": small_machine(),
               "shards": args.shards, "per_shard": args.per_shard, "size": list(args.size),
               "seconds": seconds, "items_per_second": rates,
               "s3_vs_local": rates["S3 (moto)"] / rates["local disk"]}
-    print(markdown(result))
-    if args.output:
-        with open(args.output + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        with open(args.output + ".md", "w") as f:
-            f.write(markdown(result))
+    report(result, markdown, args.output)
 
 
 def markdown(result):

@@ -49,6 +49,25 @@ def package_version(name):
         return None
 
 
+def small_machine():
+    """The machine as the stand-alone scripts (bench_plan, bench_storage) record it."""
+    import sys
+    return {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count(),
+            "python": sys.version.split()[0]}
+
+
+def report(result, markdown, output=None):
+    """Print ``markdown(result)``; with ``output``, write ``<output>.json`` and ``.md``."""
+    import json
+    text = markdown(result)
+    print(text)
+    if output:
+        with open(output + ".json", "w") as f:
+            json.dump(result, f, indent=2)
+        with open(output + ".md", "w") as f:
+            f.write(text)
+
+
 def machine_description(sizes):
     """The machine and software a result was measured on."""
     cuda = torch.cuda.is_available()

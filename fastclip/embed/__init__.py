@@ -5,10 +5,12 @@
 does the same); ``fastclip.embed.ray.ClipEmbedder`` is a callable class for Ray Data's
 ``map_batches``.
 
-One module per role: ``plan`` (the inputs, cut into chunks), ``reader`` (decoding workers),
-``device_decode`` (``--gpu-decode``), ``ranks`` (the job's processes), ``output`` (the output
-folder and resume), ``writer`` (the background writer), ``runner`` (the job), ``job`` (its
-settings).
+One module per role: ``sources`` (what a source names), ``segments`` (its inputs, read again
+from any place), ``tables`` (table inputs), ``storage`` (local paths and fsspec URLs),
+``plan`` (the inputs, cut into chunks), ``shards`` (WebDataset tars), ``reader`` (decoding
+workers), ``device_decode`` (``--gpu-decode``), ``ranks`` (the job's processes), ``output``
+(the output folder and resume), ``writer`` (the background writer), ``runner`` (the job),
+``job`` (its settings), ``ray`` (Ray Data and Ray tasks).
 """
 
 from .job import EmbedJob
