@@ -194,15 +194,21 @@ def decode_jpeg_pixels(data, max_pixels=DEFAULT_MAX_PIXELS, buffer=None):
     pixels are valid until the buffer's next use."""
     if not data.startswith(b"\xff\xd8\xff") or not jpeg_agrees_with_pillow():
         return None
-    import simplejpeg
     try:
+        # PIL's own parse of the markers must accept the file as it would (it refuses some
+        # headers libjpeg only traces), with the same size, as RGB or grayscale.
+        header = Image.open(io.BytesIO(data), formats=("JPEG",))
+        if header.format != "JPEG" or header.mode not in ("RGB", "L"):
+            return None
+        import simplejpeg
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        if colorspace not in _PLAIN_JPEG or width * height > max_pixels:
+        if colorspace not in _PLAIN_JPEG or (width, height) != header.size or \
+                width * height > max_pixels:
             return None
         out = buffer.get(height * width * 3) if buffer is not None else None
         return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False,
                                       fastupsample=False, strict=True, buffer=out)
-    except (ValueError, MemoryError):
+    except Exception:  # PIL's and simplejpeg's refusals alike (a KeyError for 4:4:1)
         return None
 
 

@@ -86,6 +86,13 @@ def test_what_is_not_certain_is_left_to_pil(monkeypatch):
     damaged[len(data) // 2:len(data) // 2 + 8] = b"\xff\xd0" * 4  # stray restart markers
     assert decode_jpeg_pixels(bytes(damaged)) is None
     assert decode_jpeg_pixels(data, max_pixels=80 * 60 - 1) is None  # PIL's path refuses it
+    # Headers that libjpeg only traces but PIL refuses stay PIL's failures: a JFIF segment
+    # too short for its fields, a TEM marker.
+    for segment in (b"\xff\xe0\x00\x06JFIF", b"\xff\x01"):
+        odd = data[:2] + segment + data[2:]
+        assert decode_jpeg_pixels(odd) is None
+        with pytest.raises(images.InputError):
+            decode_image(odd)
     monkeypatch.setitem(images._JPEG_CHECK, "agrees", False)  # a decoder that disagrees
     assert decode_jpeg_pixels(data) is None
 
