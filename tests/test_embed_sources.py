@@ -161,3 +161,9 @@ def test_a_folder_that_changes_after_planning_gives_failures_not_a_crash(tmp_pat
     items = plan.chunks[0].items
     assert [item.error is None for item in items] == [True, True, True, False]
     assert "changed since the job was planned" in items[-1].error
+
+
+def test_a_pipe_source_is_one_command_per_shard_of_its_brace_pattern():
+    plan = plan_job(images=["pipe:cat shards/{00..02}.tar"])
+    assert [c.tar_path for c in plan.chunks] == [
+        "pipe:cat shards/00.tar", "pipe:cat shards/01.tar", "pipe:cat shards/02.tar"]

@@ -40,10 +40,11 @@ def expand_source(source, storage_options=None):
     """The sorted paths one command-line source names (brace patterns, then globs).
     A path that exists is always itself, whatever characters it holds (a folder named
     ``photos[1]`` or ``{a,b}``). A pattern that matches nothing is an error, so a typo never
-    silently embeds nothing. URLs are expanded in their store; ``pipe:COMMAND`` is itself."""
+    silently embeds nothing. URLs are expanded in their store; ``pipe:COMMAND`` is brace-
+    expanded into one command per shard, as WebDataset expands it."""
     source = str(source)
     if storage.is_pipe(source):
-        return [source]
+        return expand_braces(source)
     if storage.is_url(source):
         if storage.remote_exists(source, storage_options):
             return [source]
