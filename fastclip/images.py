@@ -190,8 +190,8 @@ def decode_jpeg_pixels(data, max_pixels=DEFAULT_MAX_PIXELS, buffer=None):
     and reports what is wrong.
 
     ``buffer`` (a :class:`PixelBuffer`) holds the pixels of images up to its size: memory
-    used again is not faulted in again (a third of the decode's time at 500x375), and the
-    pixels are valid until the buffer's next use."""
+    used again is not faulted in again, and the pixels are valid until the buffer's next
+    use."""
     if not data.startswith(b"\xff\xd8\xff") or not jpeg_agrees_with_pillow():
         return None
     try:
@@ -237,6 +237,8 @@ def jpeg_agrees_with_pillow():
     """Whether simplejpeg is installed and decodes probe JPEGs (4:4:4, 4:2:2 and 4:2:0
     subsampling, progressive, restart markers, grayscale; odd sizes) to exactly the
     pixels of the installed PIL: checked once per process."""
+    if "agrees" in _JPEG_CHECK:  # every image asks: no lock once it is known
+        return _JPEG_CHECK["agrees"]
     with _JPEG_CHECK_LOCK:
         if "agrees" not in _JPEG_CHECK:
             _JPEG_CHECK["agrees"] = _check_jpeg_decoder()

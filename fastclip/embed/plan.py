@@ -272,7 +272,7 @@ def _table_metadata(segments, taken, storage_options):
     by_table, types = {}, {}
     paths = [s.path for s in segments if getattr(s, "image_column", None) is not None]
     for path in dict.fromkeys(paths):
-        schema = tables.Table(path, storage_options).schema
+        schema = tables.open_table(path, storage_options).schema
         names = tuple(name for name in schema.names if name not in taken and not
                       (pa.types.is_binary(schema.field(name).type) or
                        pa.types.is_large_binary(schema.field(name).type)))

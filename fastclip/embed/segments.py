@@ -229,7 +229,7 @@ class TableSegment:
             storage.remote_isdir(path, storage_options) else \
             storage.signature(path, storage_options)
         try:
-            table = tables.Table(path, storage_options)
+            table = tables.open_table(path, storage_options)  # the one iterate reads
             self.cells = (tables.image_cells(table.schema, image_column, path)
                           if image_column else None)
             self.count = table.num_rows

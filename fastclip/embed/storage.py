@@ -127,12 +127,18 @@ def signature(path, options=None):
                                  info.get("mtime") or "")
 
 
-def remote_exists(url, options=None):
+def _ask(url, options, question):
+    """``question(fs, path)`` of the store of ``url``; its client's errors are
+    :func:`unreachable`'s."""
     fs, path = filesystem(url, options)
     try:
-        return fs.exists(path)
+        return question(fs, path)
     except Exception as error:
         raise unreachable(url, error) from None
+
+
+def remote_exists(url, options=None):
+    return _ask(url, options, lambda fs, path: fs.exists(path))
 
 
 def read_remote(url, max_bytes, options=None):
@@ -143,9 +149,7 @@ def read_remote(url, max_bytes, options=None):
             data = f.read(max_bytes + 1)
     except StorageError as error:
         raise InputError(str(error)) from None
-    except (OSError, ValueError) as error:  # FileNotFoundError, permissions, timeouts
-        raise InputError(f"unreadable: {type(error).__name__}: {error}") from None
-    except Exception as error:  # a client library's own errors (botocore's, aiohttp's)
+    except Exception as error:  # missing, permissions, timeouts, the client's own errors
         raise InputError(f"unreadable: {type(error).__name__}: {error}") from None
     if len(data) > max_bytes:
         raise InputError(f"object holds more than the {max_bytes}-byte limit")
@@ -243,11 +247,7 @@ def _unstrip(fs, pattern, path):
 
 
 def remote_isdir(url, options=None):
-    fs, path = filesystem(url, options)
-    try:
-        return fs.isdir(path)
-    except Exception as error:
-        raise unreachable(url, error) from None
+    return _ask(url, options, lambda fs, path: fs.isdir(path))
 
 
 def remote_files(url, extensions, options=None):

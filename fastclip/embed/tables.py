@@ -69,20 +69,14 @@ def _arrow_table(path, options):
         return pa.ipc.open_stream(source).read_all()
 
 
-def _csv_table(path, columns, options):
-    """A CSV file's columns, every one as text (a CSV has no types; "1.50" stays "1.50")."""
-    import pyarrow.csv as pacsv
-    with storage.open_input(path, options) as f:
-        header = pacsv.open_csv(f, parse_options=pacsv.ParseOptions(
-            newlines_in_values=True)).schema.names
-    missing = [c for c in columns or () if c not in header]
-    if missing:
-        raise _missing_column(path, missing[0], header)
+def _csv_table(path, options):
+    """A CSV file, every column as text (a CSV has no types; "1.50" stays "1.50")."""
     import pyarrow as pa
-    wanted = list(columns) if columns is not None else header
-    convert = pacsv.ConvertOptions(include_columns=wanted,
-                                   column_types={name: pa.string() for name in wanted})
+    import pyarrow.csv as pacsv
     parse = pacsv.ParseOptions(newlines_in_values=True)  # quoted captions over lines
+    with storage.open_input(path, options) as f:
+        header = pacsv.open_csv(f, parse_options=parse).schema.names
+    convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in header})
     with storage.open_input(path, options) as f:
         return pacsv.read_csv(f, parse_options=parse, convert_options=convert)
 
@@ -114,7 +108,7 @@ class Table:
         if self._arrow is None:
             import pyarrow as pa
             if self.kind == "csv":
-                self._arrow = _csv_table(self.path, None, self.options)
+                self._arrow = _csv_table(self.path, self.options)
             elif self.files is not None:
                 self._arrow = pa.concat_tables([_arrow_table(f, self.options)
                                                 for f in self.files])
@@ -145,10 +139,6 @@ class Table:
         for name in names:
             if name not in self.schema.names and name.split(".")[0] not in self.schema.names:
                 raise _missing_column(self.path, name, self.schema.names)
-
-    def columns(self, names):
-        """The table with only ``names`` (dotted names pick a struct's field)."""
-        return self.rows(0, self.num_rows, names)
 
     def rows(self, start, stop, names):
         """Rows ``start`` to ``stop`` of the columns ``names``, as a pyarrow table (a
