@@ -118,28 +118,29 @@ at::Tensor pool_tokens_cpu(const at::Tensor& x, const at::Tensor& positions) {
   return tokens;
 }
 
-at::Tensor attend_cpu(const at::Tensor& tokens, const at::Tensor& key_query, double scale) {
-  // Batched matmuls over images, in fp32 (fp64 for doubles), leave the threading to ATen's
-  // GEMMs, which keep their speed when other work shares the cores; a parallel_for of small
-  // per-image matmuls does not.
+at::Tensor attention_pool2d_cpu(
+    const at::Tensor& x, const at::Tensor& positions, const at::Tensor& q_weight,
+    const at::Tensor& q_bias, const at::Tensor& k_weight, const at::Tensor& k_bias,
+    const at::Tensor& v_weight, const at::Tensor& v_bias, const at::Tensor& c_weight,
+    const at::Tensor& c_bias, int64_t heads) {
+  static const AttentionPoolKernels kernels{pool_tokens_cpu, attend_batched};
+  return attention_pool2d(kernels, x, positions, q_weight, q_bias, k_weight, k_bias, v_weight,
+                          v_bias, c_weight, c_bias, heads);
+}
+
+}  // namespace
+
+at::Tensor attend_batched(const at::Tensor& tokens, const at::Tensor& key_query, double scale) {
+  // Two batched matmuls over images, in fp32 (fp64 for doubles). On the CPU they leave the
+  // threading to ATen's GEMMs, which keep their speed when other work shares the cores (a
+  // parallel_for of small per-image matmuls does not); on CUDA the GEMMs read an image's tokens
+  // once for all its heads.
   const at::ScalarType acc_type = at::toOpMathType(tokens.scalar_type());
   const at::Tensor images = tokens.to(acc_type);                     // (N, L, C)
   const at::Tensor queries = key_query.transpose(0, 1).to(acc_type);  // (N, heads, C)
   const at::Tensor probs = at::bmm(queries, images.transpose(1, 2)).mul_(scale).softmax(2);
   return at::bmm(probs, images).to(tokens.scalar_type()).transpose(0, 1);  // (heads, N, C)
 }
-
-at::Tensor attention_pool2d_cpu(
-    const at::Tensor& x, const at::Tensor& positions, const at::Tensor& q_weight,
-    const at::Tensor& q_bias, const at::Tensor& k_weight, const at::Tensor& k_bias,
-    const at::Tensor& v_weight, const at::Tensor& v_bias, const at::Tensor& c_weight,
-    const at::Tensor& c_bias, int64_t heads) {
-  static const AttentionPoolKernels kernels{pool_tokens_cpu, attend_cpu};
-  return attention_pool2d(kernels, x, positions, q_weight, q_bias, k_weight, k_bias, v_weight,
-                          v_bias, c_weight, c_bias, heads);
-}
-
-}  // namespace
 
 at::Tensor attention_pool2d(
     const AttentionPoolKernels& kernels, const at::Tensor& x, const at::Tensor& positions,

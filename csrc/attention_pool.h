@@ -11,7 +11,7 @@
 
 namespace fastclip {
 
-// The two steps that are not plain GEMMs; each device supplies its own.
+// The driver's two device-specific steps.
 struct AttentionPoolKernels {
   // (N, C, H, W) map (contiguous or channels_last) and (HW+1, C) positions in the map's dtype
   // -> (N, HW+1, C) contiguous tokens: the mean over HW first, then the HW positions, each
@@ -22,6 +22,9 @@ struct AttentionPoolKernels {
   // of the tokens weighted by it, in fp32 for fp16, bf16 and fp32 (fp64 for doubles).
   at::Tensor (*attend)(const at::Tensor& tokens, const at::Tensor& key_query, double scale);
 };
+
+// The attend step as two batched GEMMs through ATen, on any device.
+at::Tensor attend_batched(const at::Tensor& tokens, const at::Tensor& key_query, double scale);
 
 // The op fastclip::attention_pool2d on the device whose kernels are given; checks its inputs.
 at::Tensor attention_pool2d(

@@ -1,5 +1,7 @@
-// fastclip::attention_pool2d on CUDA: the two kernels that are not GEMMs (the GEMMs go to
-// cuBLAS through ATen in the driver, attention_pool.cpp). See attention_pool.h for the algebra.
+// fastclip::attention_pool2d on CUDA: the token layout kernel. Everything else is GEMMs, which
+// go to cuBLAS through ATen in the driver (attention_pool.cpp), the attend step's included: a
+// kernel per (image, head) read each image's tokens once per head. See attention_pool.h for the
+// algebra.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -14,11 +16,8 @@ namespace fastclip {
 
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kTile = 32;      // pool_tokens: channels and positions per shared-memory tile
 constexpr int kTileRows = 8;   // pool_tokens: blockDim.y; each thread handles kTile / kTileRows
-constexpr int kAttendThreads = 256;
-constexpr int64_t kSharedBytes = 48 * 1024;  // static limit without opting in to more
 
 // One image's channel tile: (C, HW) -> (HW, C) through shared memory, with the positions added
 // and the channels' sums over HW kept for the mean token. Grid (N, ceil(C / kTile)), block
@@ -67,83 +66,6 @@ __global__ void pool_tokens_kernel(const scalar_t* __restrict__ x,
   }
 }
 
-template <typename T>
-struct Max {
-  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
-};
-
-template <typename T>
-struct Sum {
-  __device__ T operator()(T a, T b) const { return a + b; }
-};
-
-// The reduction of `value` over the block, returned to every thread; scratch holds one value
-// per warp.
-template <typename T, typename Op>
-__device__ T block_reduce(T value, Op op, T* scratch) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    value = op(value, __shfl_xor_sync(0xffffffff, value, offset));
-  }
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  value = scratch[0];
-  for (int w = 1; w < blockDim.x / kWarp; ++w) value = op(value, scratch[w]);
-  __syncthreads();  // the scratch may be reused by the next reduction
-  return value;
-}
-
-// One (image, head): scores = scale * key_query . token_t for all L tokens (a warp per token),
-// their softmax, and the probability-weighted sum of the tokens (a thread per channel), all in
-// fp32 (fp64 for doubles). Grid (N, heads), block kAttendThreads, L accumulators of shared
-// memory.
-template <typename scalar_t>
-__global__ void attend_kernel(const scalar_t* __restrict__ tokens,
-                              const scalar_t* __restrict__ key_query,
-                              scalar_t* __restrict__ attended, int64_t batch, int64_t length,
-                              int64_t width, double scale) {
-  using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(sizeof(double)) unsigned char shared_bytes[];
-  acc_t* probs = reinterpret_cast<acc_t*>(shared_bytes);
-  __shared__ acc_t scratch[kWarp];
-  const int64_t n = blockIdx.x, h = blockIdx.y;
-  const scalar_t* image = tokens + n * length * width;
-  const scalar_t* query = key_query + (h * batch + n) * width;
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int warps = blockDim.x / kWarp;
-
-  for (int64_t t = warp; t < length; t += warps) {
-    const scalar_t* token = image + t * width;
-    acc_t dot = 0;
-    for (int64_t c = lane; c < width; c += kWarp) {
-      dot += static_cast<acc_t>(query[c]) * static_cast<acc_t>(token[c]);
-    }
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      dot += __shfl_xor_sync(0xffffffff, dot, offset);
-    }
-    if (lane == 0) probs[t] = dot * static_cast<acc_t>(scale);
-  }
-  __syncthreads();
-
-  acc_t top = -INFINITY;
-  for (int64_t t = threadIdx.x; t < length; t += blockDim.x) top = Max<acc_t>()(top, probs[t]);
-  top = block_reduce(top, Max<acc_t>(), scratch);
-  acc_t total = 0;
-  for (int64_t t = threadIdx.x; t < length; t += blockDim.x) {
-    probs[t] = exp(probs[t] - top);
-    total += probs[t];
-  }
-  total = block_reduce(total, Sum<acc_t>(), scratch);  // also orders the writes to probs
-  const acc_t inverse = acc_t(1) / total;
-
-  scalar_t* out = attended + (h * batch + n) * width;
-  for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
-    acc_t sum = 0;
-    for (int64_t t = 0; t < length; ++t) sum += probs[t] * static_cast<acc_t>(image[t * width + c]);
-    out[c] = static_cast<scalar_t>(sum * inverse);
-  }
-}
-
 at::Tensor pool_tokens_cuda(const at::Tensor& x, const at::Tensor& positions) {
   const int64_t batch = x.size(0), width = x.size(1), spatial = x.size(2) * x.size(3);
   at::Tensor tokens = at::empty({batch, spatial + 1, width}, x.options());
@@ -163,34 +85,12 @@ at::Tensor pool_tokens_cuda(const at::Tensor& x, const at::Tensor& positions) {
   return tokens;
 }
 
-at::Tensor attend_cuda(const at::Tensor& tokens, const at::Tensor& key_query, double scale) {
-  const int64_t batch = tokens.size(0), length = tokens.size(1), width = tokens.size(2);
-  const int64_t heads = key_query.size(0);
-  at::Tensor attended = at::empty({heads, batch, width}, tokens.options());
-  if (attended.numel() == 0) return attended;
-  const int64_t acc_size = at::elementSize(at::toOpMathType(tokens.scalar_type()));
-  // The dynamic buffer of probabilities shares the block's 48 KiB with the static scratch.
-  const int64_t room = kSharedBytes - kWarp * acc_size;
-  const int64_t shared = length * acc_size;
-  TORCH_CHECK(shared <= room, "fastclip::attention_pool2d: ", length,
-              " tokens (H*W + 1) are more than the CUDA kernel holds (", room / acc_size,
-              "); use fastclip.attention_pool.attention_pool2d_single_query.");
-  const dim3 grid(batch, heads);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tokens.scalar_type(), "attend", [&] {
-    attend_kernel<scalar_t><<<grid, kAttendThreads, shared, at::cuda::getCurrentCUDAStream()>>>(
-        tokens.const_data_ptr<scalar_t>(), key_query.const_data_ptr<scalar_t>(),
-        attended.mutable_data_ptr<scalar_t>(), batch, length, width, scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return attended;
-}
-
 at::Tensor attention_pool2d_cuda(
     const at::Tensor& x, const at::Tensor& positions, const at::Tensor& q_weight,
     const at::Tensor& q_bias, const at::Tensor& k_weight, const at::Tensor& k_bias,
     const at::Tensor& v_weight, const at::Tensor& v_bias, const at::Tensor& c_weight,
     const at::Tensor& c_bias, int64_t heads) {
-  static const AttentionPoolKernels kernels{pool_tokens_cuda, attend_cuda};
+  static const AttentionPoolKernels kernels{pool_tokens_cuda, attend_batched};
   const c10::cuda::CUDAGuard guard(x.device());
   return attention_pool2d(kernels, x, positions, q_weight, q_bias, k_weight, k_bias, v_weight,
                           v_bias, c_weight, c_bias, heads);

@@ -26,9 +26,8 @@ def _compiled_on_cpu(*tensors):
 
 
 def layer_norm(x, weight, bias, eps):
-    """``reference.layer_norm`` without its fp32 copy of a CPU input: PyTorch's CPU kernel
-    takes bf16/fp16 inputs with fp32 weights and computes in fp32 (CUDA's kernel wants one
-    dtype for both, so CUDA tensors take the reference)."""
+    """``reference.layer_norm`` without its fp32 copy of the input: PyTorch's kernels compute
+    in fp32 for bf16 and fp16 inputs and round once, so the copy only costs passes."""
     if _compiled_on_cpu(x, weight, bias):
         return _layer_norm_op(x, weight, bias, eps)
     return _layer_norm(x, weight, bias, eps)
@@ -36,10 +35,22 @@ def layer_norm(x, weight, bias, eps):
 
 def _layer_norm(x, weight, bias, eps):
     if x.device.type != "cpu":
-        return reference.layer_norm(x, weight, bias, eps)
+        return _layer_norm_one_dtype(x, weight, bias, eps)
+    # The CPU kernel takes bf16/fp16 inputs with fp32 weights.
     weight = weight.float() if weight is not None else None
     bias = bias.float() if bias is not None else None
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def _layer_norm_one_dtype(x, weight, bias, eps):
+    """LayerNorm in one pass for kernels that want the weights in the input's dtype (CUDA's):
+    the weights (fp32 in OpenAI's half-precision layout) are rounded to it, which is as much
+    error as the output's own rounding. Under autocast, which computes LayerNorm in fp32, the
+    result is cast back to the input's dtype as the reference's is."""
+    weight = weight.to(x.dtype) if weight is not None else None
+    bias = bias.to(x.dtype) if bias is not None else None
+    out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
@@ -50,18 +61,40 @@ def add_layer_norm(x, residual, weight, bias, eps):
 def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):
     """``reference.mlp``. On the CPU without a gradient: oneDNN on packed weights with the
     activation and the residual add fused into the products (``cpu_linear``). Elsewhere
-    QuickGELU is computed in place when no gradient is recorded: the hidden layer is the
-    block's largest tensor, and each buffer fewer is a pass fewer."""
+    QuickGELU costs one pass over the hidden layer, the block's largest tensor
+    (:func:`_quick_gelu_mlp`)."""
     out = cpu_linear.mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
     if out is not None:
         return out
-    hidden = F.linear(x, fc_weight, fc_bias)
-    if activation == "quick_gelu" and not (torch.is_grad_enabled() and hidden.requires_grad):
-        hidden = hidden.mul_(torch.sigmoid_(hidden * 1.702))
+    if activation == "quick_gelu":
+        out = _quick_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
     else:
-        hidden = reference.ACTIVATIONS[activation](hidden)
-    out = F.linear(hidden, proj_weight, proj_bias)
+        out = F.linear(reference.ACTIVATIONS[activation](F.linear(x, fc_weight, fc_bias)),
+                       proj_weight, proj_bias)
     return out if residual is None else residual + out
+
+
+QUICK_GELU_SLOPE = 1.702
+
+
+def _quick_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    """``Linear -> QuickGELU -> Linear`` with one elementwise pass. QuickGELU(h) =
+    h * sigmoid(1.702 h) = silu(1.702 h) / 1.702, so the first product's epilogue computes
+    1.702 h (addmm's ``alpha``, and the bias scaled), SiLU runs in place (one kernel, where
+    ``x * sigmoid(1.702 x)`` takes three), and the second product's ``alpha`` divides by
+    1.702. The biases stay vectors, so cuBLASLt still adds them in its epilogue."""
+    rows = x.reshape(-1, x.shape[-1])
+    if fc_bias is not None:
+        hidden = torch.addmm(fc_bias * QUICK_GELU_SLOPE, rows, fc_weight.t(),
+                             alpha=QUICK_GELU_SLOPE)
+    else:
+        hidden = torch.mm(rows, fc_weight.t()).mul_(QUICK_GELU_SLOPE)
+    hidden = F.silu(hidden, inplace=not (torch.is_grad_enabled() and hidden.requires_grad))
+    if proj_bias is not None:
+        out = torch.addmm(proj_bias, hidden, proj_weight.t(), alpha=1 / QUICK_GELU_SLOPE)
+    else:
+        out = torch.mm(hidden, proj_weight.t()).div_(QUICK_GELU_SLOPE)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def attention(qkv, heads, causal):
