@@ -59,6 +59,17 @@ FASTCLIP_INLINE void load_pixel(const uint8_t* px, int64_t sc, bool premultiplie
   }
 }
 
+// Memory for one image's intermediate bytes, kept per thread from one image to the next
+// (fresh memory costs a page fault per page, every image). The bytes the kernels read
+// without having written them (a row's padding, a block's rows past the image's last) only
+// make lanes whose results are dropped, so the old contents do not matter.
+inline std::vector<uint8_t>& scratch(int which, int64_t size) {
+  thread_local std::vector<uint8_t> buffers[2];
+  std::vector<uint8_t>& buffer = buffers[which];
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer;
+}
+
 // Lanes of the vertical pass kept in registers across its taps; rows of the horizontal
 // pass's output are padded to a multiple of it.
 constexpr int64_t kChunk = 32;
@@ -89,7 +100,7 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
   // into.
   constexpr int kRows = 16, kLanes = kRows * C, kColumn = kLanes + 1;
   const int64_t span = p.in_col1 - p.in_col0, ksize = p.h.ksize;
-  std::vector<uint8_t> block(span * kColumn + 4, 0);
+  std::vector<uint8_t>& block = scratch(1, span * kColumn + 4);
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
     const int64_t nr = std::min<int64_t>(kRows, rows - r0);
     // The block is read along the image's contiguous axis: its rows, or (for the
@@ -99,17 +110,25 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
     const bool premultiplied = p.premultiplied;
     const uint8_t* first = in.data + (p.in_row0 + r0) * sy + p.in_col0 * sx;
     uint8_t* __restrict__ out = block.data();
-    if (sx <= sy) {
+    if (sx <= sy && sc == 1 && !premultiplied && C == 3 && sx >= 3) {
+      // Whole pixels as 4-byte copies, a block column at a time so that the stores run
+      // along it: the byte after each pixel is the next row's (or the spare's) and is
+      // written again after. The last column is read exactly, since the byte after an
+      // image row's last pixel may lie past the image.
+      const uint8_t* rows[kRows];
+      for (int64_t r = 0; r < nr; ++r) rows[r] = first + r * sy;
+      for (int64_t x = 0; x + 1 < span; ++x) {
+        uint8_t* column = out + x * kColumn;
+        const int64_t at = x * sx;
+        for (int64_t r = 0; r < nr; ++r) std::memcpy(column + r * C, rows[r] + at, 4);
+      }
+      uint8_t* column = out + (span - 1) * kColumn;
+      for (int64_t r = 0; r < nr; ++r)
+        std::memcpy(column + r * C, rows[r] + (span - 1) * sx, C);
+    } else if (sx <= sy) {
       for (int64_t r = 0; r < nr; ++r) {
         const uint8_t* row = first + r * sy;
-        if (sc == 1 && !premultiplied && C == 3 && sx >= 3) {
-          // Whole pixels as 4-byte copies: the byte after each pixel is the next one's (or
-          // the spare's) and is written again after; the row's last pixel is read exactly,
-          // since the byte after it may lie past the image.
-          for (int64_t x = 0; x + 1 < span; ++x)
-            std::memcpy(out + x * kColumn + r * C, row + x * sx, 4);
-          std::memcpy(out + (span - 1) * kColumn + r * C, row + (span - 1) * sx, C);
-        } else if (sc == 1 && !premultiplied) {
+        if (sc == 1 && !premultiplied) {
           for (int64_t x = 0; x < span; ++x)
             std::memcpy(out + x * kColumn + r * C, row + x * sx, C);
         } else {
@@ -139,10 +158,15 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
         const uint8_t* s = src + t * kColumn;
         for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<int32_t>(s[l]) * w;
       }
-      uint8_t packed[kLanes];
+      uint8_t packed[kLanes + 1];
       for (int l = 0; l < kLanes; ++l) packed[l] = clip8(acc[l]);
       uint8_t* dst = temp + r0 * stride + j * C;
-      for (int64_t r = 0; r < nr; ++r) std::memcpy(dst + r * stride, packed + r * C, C);
+      if (C == 3 && j + 1 < cols) {
+        // 4-byte copies: the byte after the pixel is the next column's, written next.
+        for (int64_t r = 0; r < nr; ++r) std::memcpy(dst + r * stride, packed + r * C, 4);
+      } else {
+        for (int64_t r = 0; r < nr; ++r) std::memcpy(dst + r * stride, packed + r * C, C);
+      }
     }
   }
 }
@@ -230,8 +254,9 @@ FASTCLIP_INLINE void vertical_and_write(const Plan& p, const uint8_t* temp, cons
 template <int C, typename T>
 FASTCLIP_INLINE void run_image(const Plan& p, const Pixels& in, const void* table, void* out,
                                const int64_t* so) {
-  std::vector<uint8_t> temp(p.temp_rows() * padded_row(p.kept_cols() * C));
-  if (!temp.empty()) horizontal_pass<C>(p, in, temp.data());
+  const int64_t size = p.temp_rows() * padded_row(p.kept_cols() * C);
+  std::vector<uint8_t>& temp = scratch(0, size);
+  if (size > 0) horizontal_pass<C>(p, in, temp.data());
   vertical_and_write<C, T>(p, temp.data(), static_cast<const T*>(table), static_cast<T*>(out),
                            so);
 }

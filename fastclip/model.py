@@ -196,7 +196,7 @@ class Transformer(nn.Module):
         return self.resblocks(x)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(nn.Module, ComputesWithBackend):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim,
                  quick_gelu=True):
         super().__init__()
@@ -213,8 +213,8 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, x):
-        x = self.conv1(x.type(self.conv1.weight.dtype))  # (N, width, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, width)
+        # conv1, as (N, grid*grid, width) tokens
+        x = self.ops.patch_embed(x.type(self.conv1.weight.dtype), self.conv1.weight)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))

@@ -169,3 +169,74 @@ def test_gelu_mlp_is_unchanged(unpacked):
     with torch.no_grad():
         assert torch.equal(torch_backend.mlp(x, *args, "gelu"),
                            F.linear(F.gelu(F.linear(x, *args[:2])), *args[2:]))
+
+
+needs_onednn = pytest.mark.skipif(not cpu_linear.enabled(),
+                                  reason="this PyTorch has no oneDNN (mkldnn) CPU ops")
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, size, patch, width", [
+    (1, 224, 32, 768), (2, 64, 16, 128), (3, 42, 14, 40), (1, 14, 14, 8)])
+def test_patch_embed_as_one_product_matches_the_convolution(dtype, batch, size, patch, width):
+    generator = torch.Generator().manual_seed(size)
+    x = randn(batch, 3, size, size, dtype=dtype, generator=generator)
+    weight = randn(width, 3, patch, patch, dtype=dtype, scale=0.02, generator=generator)
+    with torch.no_grad():
+        assert cpu_linear.patch_embed(x, weight) is not None, "the packed path should apply"
+        actual = torch_backend.patch_embed(x, weight)
+        expected = reference.patch_embed(x.double(), weight.double())
+        assert_flash_rule(actual, expected, reference.patch_embed(x, weight),
+                          f"patch_embed {dtype} {size}/{patch}")
+
+
+@needs_onednn
+def test_patch_embed_takes_any_layout_and_follows_weight_updates():
+    generator = torch.Generator().manual_seed(1)
+    weight = randn(24, 3, 8, 8, scale=0.1, generator=generator)
+    images = [randn(2, 3, 32, 32, generator=generator).to(memory_format=torch.channels_last),
+              randn(2, 3, 32, 32, generator=generator).transpose(2, 3),
+              randn(2, 3, 64, 32, generator=generator)[:, :, ::2]]
+    with torch.no_grad():
+        for x in images:
+            torch.testing.assert_close(torch_backend.patch_embed(x, weight),
+                                       reference.patch_embed(x, weight), rtol=1e-5, atol=1e-5)
+        weight.mul_(-2)  # the packed copy must follow
+        x = images[0]
+        torch.testing.assert_close(torch_backend.patch_embed(x, weight),
+                                   reference.patch_embed(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_embed_with_gradients_is_the_convolution():
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    weight = torch.randn(8, 3, 4, 4, requires_grad=True)
+    assert cpu_linear.patch_embed(x, weight) is None
+    torch_backend.patch_embed(x, weight).sum().backward()
+    x2, w2 = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    reference.patch_embed(x2, w2).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(weight.grad, w2.grad)
+
+
+def test_patch_embed_refuses_what_is_not_a_patch_grid():
+    with torch.no_grad():  # sizes the patches do not divide: the convolution's own answer
+        x, weight = torch.randn(1, 3, 30, 30), torch.randn(8, 3, 8, 8)
+        assert cpu_linear.patch_embed(x, weight) is None
+        assert torch_backend.patch_embed(x, weight).shape == (1, 9, 8)
+
+
+@needs_onednn
+def test_patch_embed_is_an_op_of_compiled_graphs():
+    weight = torch.randn(16, 3, 8, 8)
+    x = torch.randn(2, 3, 32, 32)
+    torch.library.opcheck(torch.ops.fastclip_cpu.patch_embed,
+                          (torch.randn(2, 16, 192), weight))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(torch_backend.patch_embed)(x, weight)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert "fastclip_cpu.patch_embed" in "".join(graph.code for graph in explained.graphs)
+        compiled = torch.compile(torch_backend.patch_embed, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x, weight), reference.patch_embed(x, weight),
+                                   rtol=1e-5, atol=1e-5)

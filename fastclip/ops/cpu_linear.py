@@ -201,6 +201,28 @@ def linear(x, weight, bias=None):
     return _product(x, weight, bias)
 
 
+def patch_embed(x, weight):
+    """``reference.patch_embed`` as one product: each patch's pixels (in the weight's
+    (C, P, P) order) times the weight as a (D, C*P*P) matrix, packed and cached under the
+    convolution's own weight. None where the oneDNN path does not apply."""
+    n, channels, height, width = x.shape
+    p_h, p_w = weight.shape[-2:]
+    if (weight.dim() != 4 or weight.shape[1] != channels or height % p_h or width % p_w
+            or not usable(x, weight)):
+        return None
+    patches = x.reshape(n, channels, height // p_h, p_h, width // p_w, p_w)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(n, -1, channels * p_h * p_w)
+    if torch.compiler.is_compiling():
+        return _patch_op(patches, weight)
+    return _patch_product(patches, weight)
+
+
+def _patch_product(patches, weight):
+    matrix = (_cached(weight, ("patches",), lambda w: _pack(w.reshape(w.shape[0], -1)))
+              if _cacheable(weight) else weight.reshape(weight.shape[0], -1).contiguous())
+    return torch.ops.mkldnn._linear_pointwise(patches, matrix, None, "none", [], "")
+
+
 def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None):
     """c_fc -> activation -> c_proj (+ residual), with the activation fused into c_fc.
 
@@ -262,3 +284,13 @@ def _mlp_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Te
 @_mlp_op.register_fake
 def _(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
     return x.new_empty(*x.shape[:-1], proj_weight.shape[0])
+
+
+@torch.library.custom_op("fastclip_cpu::patch_embed", mutates_args=())
+def _patch_op(patches: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _patch_product(patches, weight)
+
+
+@_patch_op.register_fake
+def _(patches, weight):
+    return patches.new_empty(*patches.shape[:-1], weight.shape[0])

@@ -68,6 +68,11 @@ class MLP(Protocol):
                  residual: Optional[Tensor] = None) -> Tensor: ...
 
 
+class PatchEmbed(Protocol):
+    """A ViT's (N, C, H, W) image through its (D, C, P, P) stride-P convolution -> (N, L, D)."""
+    def __call__(self, x: Tensor, weight: Tensor) -> Tensor: ...
+
+
 class AttentionPool2d(Protocol):
     """OpenAI's AttentionPool2d of a (N, C, H, W) map -> (N, output_dim)."""
     def __call__(self, x: Tensor, positional_embedding: Tensor, q_weight: Tensor,
@@ -86,12 +91,14 @@ class Backend:
     attention: Attention
     mlp: MLP
     attention_pool2d: AttentionPool2d
+    patch_embed: PatchEmbed
 
     def __repr__(self):
         return f"Backend({self.name!r})"
 
 
-OPS = ("linear", "layer_norm", "add_layer_norm", "attention", "mlp", "attention_pool2d")
+OPS = ("linear", "layer_norm", "add_layer_norm", "attention", "mlp", "attention_pool2d",
+       "patch_embed")
 
 REFERENCE = Backend(
     name="reference",
@@ -101,6 +108,7 @@ REFERENCE = Backend(
     attention=reference.attention,
     mlp=reference.mlp,
     attention_pool2d=reference.attention_pool2d,
+    patch_embed=reference.patch_embed,
 )
 
 TORCH = Backend(
@@ -111,6 +119,7 @@ TORCH = Backend(
     attention=torch_backend.attention,
     mlp=torch_backend.mlp,
     attention_pool2d=attention_pool.attention_pool2d,
+    patch_embed=torch_backend.patch_embed,
 )
 
 
@@ -137,6 +146,7 @@ def _triton_backend(device=None):
         attention=triton_backend.attention,
         mlp=triton_backend.mlp,
         attention_pool2d=attention_pool.attention_pool2d,
+        patch_embed=torch_backend.patch_embed,
     )
 
 
@@ -169,7 +179,8 @@ def measured_backend(device, decisions=None, timer=None):
         decisions=decisions, timer=timer or measured.cuda_event_timer)
     return Backend(name="auto", linear=F.linear, layer_norm=ops.op("layer_norm"),
                    add_layer_norm=ops.op("add_layer_norm"), attention=ops.op("attention"),
-                   mlp=ops.op("mlp"), attention_pool2d=attention_pool.attention_pool2d)
+                   mlp=ops.op("mlp"), attention_pool2d=attention_pool.attention_pool2d,
+                   patch_embed=torch_backend.patch_embed)
 
 
 def auto_decisions():

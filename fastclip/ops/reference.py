@@ -65,6 +65,12 @@ def attention(qkv, heads, causal):
     return merge_heads(probs @ v)
 
 
+def patch_embed(x, weight):
+    """A ViT's patch embedding: the (N, C, H, W) image through its (D, C, P, P) convolution of
+    stride P, as (N, H/P * W/P, D) tokens in row-major patch order."""
+    return F.conv2d(x, weight, stride=weight.shape[-2:]).flatten(2).transpose(1, 2)
+
+
 def linear_act(x, weight, bias, activation, residual=None):
     """``activation(x @ weight.T + bias) + residual``: a linear layer with the epilogue the
     fused kernel computes; ``activation`` is ``"none"`` or a key of ``ACTIVATIONS``."""

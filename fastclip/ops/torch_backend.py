@@ -112,6 +112,13 @@ def _attention(qkv, heads, causal):
 linear = cpu_linear.linear
 
 
+def patch_embed(x, weight):
+    """``reference.patch_embed``; on the CPU without a gradient, one oneDNN product on the
+    packed weight (``cpu_linear.patch_embed``)."""
+    out = cpu_linear.patch_embed(x, weight)
+    return out if out is not None else reference.patch_embed(x, weight)
+
+
 @torch.library.custom_op("fastclip_cpu::layer_norm", mutates_args=())
 def _layer_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
