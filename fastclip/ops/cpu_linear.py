@@ -25,7 +25,6 @@ one more copy of each transformer weight in memory; setting the environment vari
 """
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -261,36 +260,40 @@ def _packed_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, resid
 
 
 # The packed path as ops, for compiled graphs: opaque to the compiler, which would otherwise
-# stop at the cache of packed weights. Inference only (the path is taken without autograd).
+# stop at the cache of packed weights. They are registered through torch.library's low-level
+# API: a compiled graph's call costs one dispatch (about 3 us here) rather than custom_op's
+# Python wrapper (about 8 us), on some 230 calls per ViT-B/32 forward. They have CPU and fake
+# kernels and no autograd kernel: the paths that call them run without autograd.
+LIBRARY = torch.library.Library("fastclip_cpu", "DEF")
 
-@torch.library.custom_op("fastclip_cpu::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor,
-               bias: Optional[torch.Tensor]) -> torch.Tensor:
+
+def cpu_op(schema, fake):
+    """``fastclip_cpu::<schema>`` with the decorated function as its CPU kernel and ``fake``
+    as its fake (meta) kernel; returns the op."""
+    def register(kernel):
+        name = schema.split("(", 1)[0]
+        LIBRARY.define(schema)
+        LIBRARY.impl(name, kernel, "CPU")
+        torch.library.register_fake(f"fastclip_cpu::{name}", fake, lib=LIBRARY)
+        return getattr(torch.ops.fastclip_cpu, name).default
+    return register
+
+
+@cpu_op("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+        lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+def _linear_op(x, weight, bias):
     return _product(x, weight, bias)
 
 
-@_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("fastclip_cpu::mlp", mutates_args=())
-def _mlp_op(x: torch.Tensor, fc_weight: torch.Tensor, fc_bias: Optional[torch.Tensor],
-            proj_weight: torch.Tensor, proj_bias: Optional[torch.Tensor], activation: str,
-            residual: Optional[torch.Tensor]) -> torch.Tensor:
+@cpu_op("mlp(Tensor x, Tensor fc_weight, Tensor? fc_bias, Tensor proj_weight, "
+        "Tensor? proj_bias, str activation, Tensor? residual) -> Tensor",
+        lambda x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual:
+        x.new_empty(*x.shape[:-1], proj_weight.shape[0]))
+def _mlp_op(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
     return _packed_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)
 
 
-@_mlp_op.register_fake
-def _(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual):
-    return x.new_empty(*x.shape[:-1], proj_weight.shape[0])
-
-
-@torch.library.custom_op("fastclip_cpu::patch_embed", mutates_args=())
-def _patch_op(patches: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+@cpu_op("patch_embed(Tensor patches, Tensor weight) -> Tensor",
+        lambda patches, weight: patches.new_empty(*patches.shape[:-1], weight.shape[0]))
+def _patch_op(patches, weight):
     return _patch_product(patches, weight)
-
-
-@_patch_op.register_fake
-def _(patches, weight):
-    return patches.new_empty(*patches.shape[:-1], weight.shape[0])

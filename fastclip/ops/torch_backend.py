@@ -8,8 +8,6 @@ the compiler then calls PyTorch's kernels for them rather than generating its ow
 slower there."""
 
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -119,23 +117,15 @@ def patch_embed(x, weight):
     return out if out is not None else reference.patch_embed(x, weight)
 
 
-@torch.library.custom_op("fastclip_cpu::layer_norm", mutates_args=())
-def _layer_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor],
-                   bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+@cpu_linear.cpu_op("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor",
+                   lambda x, weight, bias, eps:
+                   torch.empty_like(x, memory_format=torch.contiguous_format))
+def _layer_norm_op(x, weight, bias, eps):
     return _layer_norm(x, weight, bias, eps)
 
 
-@_layer_norm_op.register_fake
-def _(x, weight, bias, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("fastclip_cpu::attention", mutates_args=())
-def _attention_op(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+@cpu_linear.cpu_op("attention(Tensor qkv, int heads, bool causal) -> Tensor",
+                   lambda qkv, heads, causal:
+                   qkv.new_empty(*qkv.shape[:-1], qkv.shape[-1] // 3))
+def _attention_op(qkv, heads, causal):
     return _attention(qkv, heads, causal).contiguous()
-
-
-@_attention_op.register_fake
-def _(qkv, heads, causal):
-    n, length, three_width = qkv.shape
-    return qkv.new_empty(n, length, three_width // 3)
