@@ -9,6 +9,8 @@ size-checked before they are read.
 
 import io
 import os
+import queue
+import stat
 import threading
 import warnings
 
@@ -77,6 +79,7 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
                          "still stalled, so the storage is not answering")
     outcome = []
     state = {"done": False, "stalled": False}
+    done = threading.Event()
 
     def read():
         try:
@@ -88,15 +91,17 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
                 state["done"] = True
                 if state["stalled"]:
                     _STALLED["count"] -= 1
+            done.set()
 
-    reader = threading.Thread(target=read, name="fastclip-read", daemon=True)
-    reader.start()
-    reader.join(timeout)
+    worker = _ReadWorker.of_this_thread()
+    worker.submit(read)
+    done.wait(timeout)
     with _STALLED_LOCK:
         if not state["done"]:
             state["stalled"] = True
             _STALLED["count"] += 1
     if state["stalled"]:
+        worker.abandon()  # busy with this read: the next read gets a worker of its own
         raise InputError(f"the read did not finish within {timeout:g} s (a stalled mount?)")
     ok, value = outcome[0]
     if not ok:
@@ -104,12 +109,54 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
     return value
 
 
+class _ReadWorker:
+    """The thread that runs one calling thread's timed reads, used again from read to read
+    (a thread started per read cost about 250 us here). A worker left with a stalled read
+    ends once that read returns; one whose caller has ended ends within seconds. A process
+    forked from the caller starts its own."""
+
+    _local = threading.local()
+
+    def __init__(self):
+        self._jobs = queue.SimpleQueue()
+        self._caller = threading.current_thread()
+        self._pid = os.getpid()
+        threading.Thread(target=self._run, name="fastclip-read", daemon=True).start()
+
+    @classmethod
+    def of_this_thread(cls):
+        worker = getattr(cls._local, "worker", None)
+        if worker is None or worker._pid != os.getpid():  # a forked child has no thread
+            worker = cls._local.worker = cls()
+        return worker
+
+    def submit(self, job):
+        self._jobs.put(job)
+
+    def abandon(self):
+        self._local.worker = None
+        self._jobs.put(None)
+
+    def _run(self):
+        while True:
+            try:
+                job = self._jobs.get(timeout=5)
+            except queue.Empty:
+                if not self._caller.is_alive():
+                    return
+                continue
+            if job is None:
+                return
+            job()
+
+
 def _read_file(path, max_bytes):
     try:
-        if not os.path.isfile(path) and os.path.exists(path):
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
             # A folder, a FIFO or a device named like an image: reading it could block.
             raise InputError("not a regular file")
-        size = os.path.getsize(path)
+        size = info.st_size
         if size > max_bytes:
             raise InputError(f"file of {size} bytes is larger than the {max_bytes}-byte limit")
         with open(path, "rb") as f:

@@ -144,3 +144,46 @@ def test_a_file_larger_than_it_claims_is_bounded(tmp_path):
     from fastclip.images import InputError, read_file
     with pytest.raises(InputError, match="more than the 10-byte limit"):
         read_file("/proc/self/maps", max_bytes=10)  # reports size 0
+
+
+def test_timed_reads_use_one_thread_again_across_stalls_and_forks(tmp_path, monkeypatch):
+    """A timed read runs on a thread kept for the calling thread: many reads start no more
+    threads, a read after a stalled one gets a fresh worker, and a forked child (a
+    DataLoader worker) starts its own rather than waiting on its parent's."""
+    import os
+    import threading
+
+    from fastclip import images as images_module
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * 100)
+    readers = []  # the threads that ran the reads, kept so that none is told apart by id alone
+    real_read = images_module._read_file
+
+    def read(p, m):
+        readers.append(threading.current_thread())
+        return real_read(p, m)
+
+    monkeypatch.setattr(images_module, "_read_file", read)
+    for _ in range(50):
+        assert images_module.read_file(str(path), timeout=5) == b"x" * 100
+    assert len({id(thread) for thread in readers}) == 1
+    assert readers[0] is not threading.current_thread()
+
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's worker thread does not exist here
+        try:
+            ok = images_module.read_file(str(path), timeout=5) == b"x" * 100
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+    stalled = threading.Event()
+    monkeypatch.setattr(images_module, "_read_file", lambda p, m: stalled.wait() and b"")
+    try:
+        with pytest.raises(images_module.InputError, match="did not finish within"):
+            images_module.read_file(str(path), timeout=0.05)
+        monkeypatch.setattr(images_module, "_read_file", real_read)
+        assert images_module.read_file(str(path), timeout=5) == b"x" * 100
+    finally:
+        stalled.set()
