@@ -130,10 +130,12 @@ def test_decode_and_preprocess(benchmark, sizes, size, one_thread):
 
 def test_embed_input_ceiling(benchmark, sizes, one_thread):
     """The embed job's reading side in one process, with the tiny model (which costs almost
-    nothing) embedding each batch: 500x375 JPEGs from a folder, decoded, preprocessed into
-    the batch and embedded, with the compiled op and with PIL's path (the job before it)."""
+    nothing) embedding each batch: 500x375 JPEGs from a folder, read as the job reads them
+    (within its default read timeout), decoded, preprocessed into the batch and embedded, with
+    the compiled op and with PIL's path (the job before it)."""
     if not fused.available("cpu"):
         pytest.skip("fastclip._C is not built")
+    from fastclip.embed.job import DEFAULT_READ_TIMEOUT
     from fastclip.embed.plan import plan_job
     from fastclip.embed.reader import EmbedDataset
     count = {"cpu": 256, "gpu": 256, "tiny": 16}[sizes]
@@ -147,7 +149,8 @@ def test_embed_input_ceiling(benchmark, sizes, one_thread):
 
         def job(name, preprocess):
             def run():
-                dataset = EmbedDataset(plan.chunks, preprocess, 64, True, False)
+                dataset = EmbedDataset(plan.chunks, preprocess, 64, True, False,
+                                       read_timeout=DEFAULT_READ_TIMEOUT)
                 with torch.inference_mode():
                     features[name] = torch.cat([model.encode_image(batch["images"])
                                                 for batch in dataset])

@@ -159,14 +159,29 @@ def _read_file(path, max_bytes):
         size = info.st_size
         if size > max_bytes:
             raise InputError(f"file of {size} bytes is larger than the {max_bytes}-byte limit")
-        with open(path, "rb") as f:
-            # The size a file system reports may lie (procfs, FUSE, a file still growing).
-            data = f.read(max_bytes + 1)
+        with open(path, "rb", buffering=0) as f:
+            data = _read_bounded(f, size, max_bytes)
         if len(data) > max_bytes:
             raise InputError(f"file holds more than the {max_bytes}-byte limit")
         return data
     except OSError as error:
         raise InputError(f"unreadable: {type(error).__name__}: {error}") from error
+
+
+def _read_bounded(f, size, max_bytes):
+    """A file's bytes, up to one past ``max_bytes``. The size a file system reports may lie
+    (procfs, FUSE, a file still growing), so reading goes on to the end; asking for its size
+    first spares allocating the limit for every file (``read(max_bytes + 1)`` cost about
+    70 us per file here)."""
+    chunks, total, want = [], 0, min(size, max_bytes) + 1
+    while total <= max_bytes:
+        chunk = f.read(min(want, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = max(want, 1 << 20)  # longer than it claimed: on in pieces of 1 MiB or more
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def sniff_format(data):

@@ -146,6 +146,20 @@ def test_a_file_larger_than_it_claims_is_bounded(tmp_path):
         read_file("/proc/self/maps", max_bytes=10)  # reports size 0
 
 
+def test_files_are_read_whole_whatever_size_they_report(tmp_path):
+    """A file read in full when its reported size is wrong (procfs reports 0), and the limit
+    exact at its edge."""
+    from fastclip.images import InputError, read_file
+    with open("/proc/self/mountinfo", "rb") as f:
+        expected = f.read()
+    assert len(expected) > 0 and read_file("/proc/self/mountinfo") == expected
+    path = tmp_path / "ten.bin"
+    path.write_bytes(bytes(range(10)))
+    assert read_file(str(path), max_bytes=10) == bytes(range(10))
+    with pytest.raises(InputError, match="larger than the 9-byte limit"):
+        read_file(str(path), max_bytes=9)
+
+
 def test_timed_reads_use_one_thread_again_across_stalls_and_forks(tmp_path, monkeypatch):
     """A timed read runs on a thread kept for the calling thread: many reads start no more
     threads, a read after a stalled one gets a fresh worker, and a forked child (a
