@@ -196,6 +196,17 @@ class Transformer(nn.Module):
         return self.resblocks(x)
 
 
+def _plain_conv(module):
+    """Whether calling ``module`` is only its convolution: an ``nn.Conv2d`` with no hooks of
+    its own or global ones."""
+    from torch.nn.modules import module as hooks
+    return (type(module) is nn.Conv2d and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks and not hooks._global_forward_hooks
+            and not hooks._global_forward_pre_hooks and module.padding_mode == "zeros"
+            and module.stride == module.kernel_size and module.padding in ((0, 0), "valid")
+            and module.dilation == (1, 1) and module.groups == 1)
+
+
 class VisionTransformer(nn.Module, ComputesWithBackend):
     def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim,
                  quick_gelu=True):
@@ -213,8 +224,11 @@ class VisionTransformer(nn.Module, ComputesWithBackend):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, x):
-        # conv1, as (N, grid*grid, width) tokens
-        x = self.ops.patch_embed(x.type(self.conv1.weight.dtype), self.conv1.weight)
+        x = x.type(self.conv1.weight.dtype)
+        if _plain_conv(self.conv1):  # conv1, as (N, grid*grid, width) tokens
+            x = self.ops.patch_embed(x, self.conv1.weight)
+        else:  # hooked or replaced (pruning, adapters): the module itself
+            x = self.conv1(x).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))

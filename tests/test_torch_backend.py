@@ -240,3 +240,66 @@ def test_patch_embed_is_an_op_of_compiled_graphs():
         compiled = torch.compile(torch_backend.patch_embed, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x, weight), reference.patch_embed(x, weight),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reason", ["weights need gradients", "autocast"])
+def test_layer_norm_off_the_cpu_keeps_the_reference_for_training_and_autocast(
+        monkeypatch, reason):
+    """Rounded weights would round their gradients too (an fp16 dgamma overflows past 65504),
+    and autocast computes LayerNorm in fp32 anyway: both take the reference's fp32 path."""
+    x, weight, bias = layer_norm_inputs(4, 77, 64, torch.float16, None, device="meta")
+    if reason == "autocast":
+        # meta tensors have no autocast: the check says what CUDA's would under autocast
+        monkeypatch.setattr(torch_backend, "_autocast", lambda device_type: True)
+    else:
+        weight.requires_grad_()
+    calls = log_ops(torch_backend.layer_norm, x, weight, bias, 1e-5)
+    assert not any(name == "_to_copy" and tensors[-1] == (torch.float16, weight.numel())
+                   for name, tensors in calls), f"weights rounded to fp16: {calls}"
+    assert any(name == "_to_copy" and tensors[-1] == (torch.float32, x.numel())
+               for name, tensors in calls), f"not the reference's fp32 path: {calls}"
+
+
+@needs_onednn
+def test_patch_embed_of_an_empty_batch():
+    with torch.no_grad():
+        out = torch_backend.patch_embed(torch.randn(0, 3, 32, 32), torch.randn(8, 3, 8, 8))
+    assert out.shape == (0, 16, 8)
+
+
+@needs_onednn
+def test_patch_embed_drops_its_packed_copy_when_the_weight_trains():
+    weight = torch.randn(8, 3, 4, 4)
+    with torch.no_grad():
+        torch_backend.patch_embed(torch.randn(1, 3, 8, 8), weight)
+    assert weight in cpu_linear._CACHE
+    weight.requires_grad_()
+    torch_backend.patch_embed(torch.randn(1, 3, 8, 8), weight)
+    assert weight not in cpu_linear._CACHE
+
+
+def test_a_hooked_or_pruned_patch_convolution_is_called_as_a_module():
+    import torch.nn.utils.prune as prune
+
+    from fastclip.model import VisionTransformer
+    from fastclip.ops.dispatch import TORCH
+    torch.manual_seed(0)
+    vit = VisionTransformer(32, 8, 64, 1, 2, 16).eval()
+    vit.ops = TORCH
+    for module in vit.modules():
+        if hasattr(module, "ops"):
+            module.ops = TORCH
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    handle = vit.conv1.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    with torch.no_grad():
+        vit(x)
+    assert calls, "the forward hook on conv1 did not run"
+    handle.remove()
+    prune.l1_unstructured(vit.conv1, "weight", 0.5)
+    with torch.no_grad():
+        vit.conv1.weight_orig.mul_(3)
+        tokens = vit.conv1(x).flatten(2).transpose(1, 2)
+        expected = vit.ln_post(vit.transformer(vit.ln_pre(torch.cat(
+            [vit.class_embedding.expand(2, 1, -1), tokens], 1) + vit.positional_embedding))[:, 0])
+        torch.testing.assert_close(vit(x), expected @ vit.proj)

@@ -204,13 +204,17 @@ def patch_embed(x, weight):
     """``reference.patch_embed`` as one product: each patch's pixels (in the weight's
     (C, P, P) order) times the weight as a (D, C*P*P) matrix, packed and cached under the
     convolution's own weight. None where the oneDNN path does not apply."""
+    if not usable(x, weight):
+        if not torch.compiler.is_compiling():
+            _evict(weight)
+        return None
     n, channels, height, width = x.shape
     p_h, p_w = weight.shape[-2:]
-    if (weight.dim() != 4 or weight.shape[1] != channels or height % p_h or width % p_w
-            or not usable(x, weight)):
+    if weight.dim() != 4 or weight.shape[1] != channels or height % p_h or width % p_w:
         return None
-    patches = x.reshape(n, channels, height // p_h, p_h, width // p_w, p_w)
-    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(n, -1, channels * p_h * p_w)
+    rows, columns = height // p_h, width // p_w
+    patches = x.reshape(n, channels, rows, p_h, columns, p_w)
+    patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * columns, channels * p_h * p_w)
     if torch.compiler.is_compiling():
         return _patch_op(patches, weight)
     return _patch_product(patches, weight)

@@ -33,6 +33,10 @@ def layer_norm(x, weight, bias, eps):
 
 def _layer_norm(x, weight, bias, eps):
     if x.device.type != "cpu":
+        if _autocast(x.device.type) or _needs_grad(weight, bias):
+            # Autocast computes LayerNorm in fp32 anyway, and the weights' gradients must not
+            # pass through the input's dtype: the reference's fp32 copy.
+            return reference.layer_norm(x, weight, bias, eps)
         return _layer_norm_one_dtype(x, weight, bias, eps)
     # The CPU kernel takes bf16/fp16 inputs with fp32 weights.
     weight = weight.float() if weight is not None else None
@@ -40,11 +44,21 @@ def _layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
+def _autocast(device_type):
+    return (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type))
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _layer_norm_one_dtype(x, weight, bias, eps):
     """LayerNorm in one pass for kernels that want the weights in the input's dtype (CUDA's):
     the weights (fp32 in OpenAI's half-precision layout) are rounded to it, which is as much
-    error as the output's own rounding. Under autocast, which computes LayerNorm in fp32, the
-    result is cast back to the input's dtype as the reference's is."""
+    error as the output's own rounding. For inference: with autograd on the weights or under
+    autocast, ``_layer_norm`` takes the reference. Under autocast anyway, the result is cast
+    back to the input's dtype as the reference's is."""
     weight = weight.to(x.dtype) if weight is not None else None
     bias = bias.to(x.dtype) if bias is not None else None
     out = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
