@@ -15,31 +15,13 @@ import fastclip
 from fastclip.model import convert_weights
 from fastclip.ops import cpu_linear, reference
 
-from numerics import assert_close_relative, cosine, worst_element
+from numerics import assert_close_relative, assert_flash_rule, cosine
 from small_models import small_clip
 
 pytestmark = pytest.mark.skipif(not cpu_linear.enabled(),
                                 reason="this PyTorch has no oneDNN (mkldnn) CPU ops")
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if torch.bfloat16 in cpu_linear._DTYPES else [])
-EPSILON = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8}
-
-
-def assert_flash_rule(actual, expected, torch_actual, name):
-    """max |actual - expected| <= 2 max |torch_actual - expected| + epsilon * magnitude."""
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == torch_actual.dtype, f"{name}: dtype {actual.dtype}"
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    scale = max(1.0, expected.abs().max().item())
-    torch_error = (torch_actual.double() - expected).abs().max().item()
-    bound = 2 * torch_error + EPSILON[actual.dtype] * scale
-    index, got, want, error = worst_element(actual, expected)
-    assert error <= bound, (
-        f"{name}: worst element at {index}: {got} vs float64 reference {want} (error "
-        f"{error:.3e} > bound {bound:.3e} = 2 x PyTorch's {actual.dtype} error "
-        f"{torch_error:.3e} + epsilon)")
-
-
 def randn(*shape, dtype=torch.float32, scale=1.0, generator=None):
     return (torch.randn(*shape, generator=generator) * scale).to(dtype)
 
