@@ -93,8 +93,7 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
                     _STALLED["count"] -= 1
             done.set()
 
-    worker = _ReadWorker.of_this_thread()
-    worker.submit(read)
+    worker = _ReadWorker.run(read)
     done.wait(timeout)
     with _STALLED_LOCK:
         if not state["done"]:
@@ -112,75 +111,104 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
 class _ReadWorker:
     """The thread that runs one calling thread's timed reads, used again from read to read
     (starting a thread per read cost about 70 us more here). A worker left with a stalled read
-    ends once that read returns; one whose caller has ended ends within seconds. A process
-    forked from the caller starts its own."""
+    ends once that read returns; an idle one ends after a few seconds (its caller then gets a
+    new one). A process forked from the caller starts its own."""
 
     _local = threading.local()
+    IDLE_SECONDS = 5
 
     def __init__(self):
         self._jobs = queue.SimpleQueue()
-        self._caller = threading.current_thread()
+        self._lock = threading.Lock()
+        self._retired = False
         self._pid = os.getpid()
-        threading.Thread(target=self._run, name="fastclip-read", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="fastclip-read", daemon=True)
+        self.thread.start()
 
     @classmethod
-    def of_this_thread(cls):
-        worker = getattr(cls._local, "worker", None)
-        if worker is None or worker._pid != os.getpid():  # a forked child has no thread
-            worker = cls._local.worker = cls()
-        return worker
-
-    def submit(self, job):
-        self._jobs.put(job)
+    def run(cls, job):
+        """Run ``job`` on this thread's worker; returns the worker."""
+        while True:
+            worker = getattr(cls._local, "worker", None)
+            if worker is None or worker._pid != os.getpid():  # a forked child has no thread
+                worker = cls._local.worker = cls()
+            with worker._lock:
+                if not worker._retired:
+                    worker._jobs.put(job)
+                    return worker
+            cls._local.worker = None  # it ended while idle
 
     def abandon(self):
+        """Leave this worker to a stalled read: it ends when the read returns."""
         self._local.worker = None
-        self._jobs.put(None)
+        with self._lock:
+            self._retired = True
+            self._jobs.put(None)
 
-    def _run(self):
+    def _loop(self):
         while True:
             try:
-                job = self._jobs.get(timeout=5)
+                job = self._jobs.get(timeout=self.IDLE_SECONDS)
             except queue.Empty:
-                if not self._caller.is_alive():
-                    return
+                with self._lock:
+                    if self._jobs.empty():
+                        self._retired = True
+                        return
                 continue
             if job is None:
                 return
             job()
 
 
+def _forget_stalled_reads():
+    # A forked child has none of its parent's reading threads, stalled or not.
+    global _STALLED_LOCK
+    _STALLED_LOCK = threading.Lock()
+    _STALLED["count"] = 0
+
+
+os.register_at_fork(after_in_child=_forget_stalled_reads)
+
+
 def _read_file(path, max_bytes):
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            # A folder, a FIFO or a device named like an image: reading it could block.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            # A folder, a FIFO or a device named like an image: opening or reading it could
+            # block (or, for some devices, act), so it is not opened.
             raise InputError("not a regular file")
-        size = info.st_size
-        if size > max_bytes:
-            raise InputError(f"file of {size} bytes is larger than the {max_bytes}-byte limit")
-        with open(path, "rb", buffering=0) as f:
-            data = _read_bounded(f, size, max_bytes)
-        if len(data) > max_bytes:
-            raise InputError(f"file holds more than the {max_bytes}-byte limit")
-        return data
+        # Opened without blocking and checked again on the open file, so that a FIFO put in
+        # its place after the check cannot block the read (O_NONBLOCK changes nothing for
+        # files).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb", buffering=0) as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InputError("not a regular file")
+            size = info.st_size
+            if size > max_bytes:
+                raise InputError(f"file of {size} bytes is larger than the {max_bytes}-byte "
+                                 "limit")
+            return _read_bounded(f, size, max_bytes)
     except OSError as error:
         raise InputError(f"unreadable: {type(error).__name__}: {error}") from error
 
 
 def _read_bounded(f, size, max_bytes):
-    """A file's bytes, up to one past ``max_bytes``. The size a file system reports may lie
-    (procfs, FUSE, a file still growing), so reading goes on to the end; asking for its size
-    first spares allocating the limit for every file (``read(max_bytes + 1)`` cost about
-    70 us per file here)."""
+    """A file's bytes, at most ``max_bytes`` (more is this input's failure, found before the
+    pieces are joined). The size a file system reports may lie (procfs, FUSE, a file still
+    growing), so reading goes on to the end; asking for its size first spares allocating the
+    limit for every file (``read(max_bytes + 1)`` cost about 70 us per file here)."""
     chunks, total, want = [], 0, min(size, max_bytes) + 1
-    while total <= max_bytes:
+    while True:
         chunk = f.read(min(want, max_bytes + 1 - total))
         if not chunk:
             break
         chunks.append(chunk)
         total += len(chunk)
-        want = max(want, 1 << 20)  # longer than it claimed: on in pieces of 1 MiB or more
+        if total > max_bytes:
+            raise InputError(f"file holds more than the {max_bytes}-byte limit")
+        # Past the size it claimed: small reads until the end shows, then larger pieces.
+        want = 64 << 10 if len(chunks) == 1 else max(want, 1 << 20)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

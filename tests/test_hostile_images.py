@@ -201,3 +201,60 @@ def test_timed_reads_use_one_thread_again_across_stalls_and_forks(tmp_path, monk
         assert images_module.read_file(str(path), timeout=5) == b"x" * 100
     finally:
         stalled.set()
+
+
+def test_a_file_swapped_for_a_fifo_after_its_check_does_not_block(tmp_path, monkeypatch):
+    import os
+
+    from fastclip import images as images_module
+    path = tmp_path / "swap.jpg"
+    path.write_bytes(b"\xff\xd8\xff" + bytes(100))
+    real_stat = os.stat
+
+    def stat_then_swap(name, *args, **kwargs):
+        result = real_stat(name, *args, **kwargs)
+        if str(name) == str(path) and not os.path.exists(str(path) + ".done"):
+            os.remove(path)
+            os.mkfifo(path)
+            open(str(path) + ".done", "w").close()
+        return result
+
+    monkeypatch.setattr(images_module.os, "stat", stat_then_swap)
+    with pytest.raises(images_module.InputError, match="not a regular file"):
+        images_module.read_file(str(path), timeout=5)
+
+
+def test_a_file_longer_than_it_claims_is_refused_before_its_pieces_are_joined():
+    import io
+
+    from fastclip import images as images_module
+    with pytest.raises(images_module.InputError, match="more than the 50-byte limit"):
+        images_module._read_bounded(io.BytesIO(b"x" * 100), 0, 50)
+    assert images_module._read_bounded(io.BytesIO(b"x" * 50), 0, 50) == b"x" * 50
+
+
+def test_idle_read_workers_end_and_forked_children_forget_stalled_reads(monkeypatch, tmp_path):
+    import os
+    import time
+
+    from fastclip import images as images_module
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * 10)
+    monkeypatch.setattr(images_module._ReadWorker, "IDLE_SECONDS", 0.05)
+    images_module._ReadWorker._local.worker = None
+    assert images_module.read_file(str(path), timeout=5) == b"x" * 10
+    worker = images_module._ReadWorker._local.worker
+    worker.thread.join(5)
+    assert not worker.thread.is_alive(), "an idle worker should end"
+    assert images_module.read_file(str(path), timeout=5) == b"x" * 10  # a new one
+    time.sleep(0.01)
+
+    monkeypatch.setitem(images_module._STALLED, "count", images_module.MAX_STALLED_READS)
+    pid = os.fork()
+    if pid == 0:  # the parent's stalled reads do not exist here
+        try:
+            ok = images_module.read_file(str(path), timeout=5) == b"x" * 10
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

@@ -303,3 +303,12 @@ def test_a_hooked_or_pruned_patch_convolution_is_called_as_a_module():
         expected = vit.ln_post(vit.transformer(vit.ln_pre(torch.cat(
             [vit.class_embedding.expand(2, 1, -1), tokens], 1) + vit.positional_embedding))[:, 0])
         torch.testing.assert_close(vit(x), expected @ vit.proj)
+
+
+@needs_onednn
+def test_the_compiled_graphs_ops_refuse_inputs_that_need_gradients():
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference only"):
+        torch.ops.fastclip_cpu.linear(x, torch.randn(8, 16), None)
+    with torch.no_grad():
+        assert torch.ops.fastclip_cpu.linear(x, torch.randn(8, 16), None).shape == (2, 5, 8)

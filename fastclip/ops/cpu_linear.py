@@ -273,11 +273,21 @@ LIBRARY = torch.library.Library("fastclip_cpu", "DEF")
 
 def cpu_op(schema, fake):
     """``fastclip_cpu::<schema>`` with the decorated function as its CPU kernel and ``fake``
-    as its fake (meta) kernel; returns the op."""
+    as its fake (meta) kernel; returns the op. Called with inputs that need gradients, it
+    raises (without an autograd kernel, their gradients would be silently missing)."""
     def register(kernel):
         name = schema.split("(", 1)[0]
+
+        def inference_only(*args):
+            if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                               for a in args):
+                raise RuntimeError(
+                    f"fastclip_cpu::{name} computes inference only and has no gradient; "
+                    "call it under torch.no_grad(), or use the torch backend's own path.")
+            return kernel(*args)
+
         LIBRARY.define(schema)
-        LIBRARY.impl(name, kernel, "CPU")
+        LIBRARY.impl(name, inference_only, "CPU")
         torch.library.register_fake(f"fastclip_cpu::{name}", fake, lib=LIBRARY)
         return getattr(torch.ops.fastclip_cpu, name).default
     return register
