@@ -110,7 +110,7 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
 
 class _ReadWorker:
     """The thread that runs one calling thread's timed reads, used again from read to read
-    (starting a thread per read cost about 70 us more here). A worker left with a stalled read
+    rather than started for each. A worker left with a stalled read
     ends once that read returns; an idle one ends after a few seconds (its caller then gets a
     new one). A process forked from the caller starts its own."""
 
@@ -197,7 +197,7 @@ def _read_bounded(f, size, max_bytes):
     """A file's bytes, at most ``max_bytes`` (more is this input's failure, found before the
     pieces are joined). The size a file system reports may lie (procfs, FUSE, a file still
     growing), so reading goes on to the end; asking for its size first spares allocating the
-    limit for every file (``read(max_bytes + 1)`` cost about 70 us per file here)."""
+    limit for every file, as ``read(max_bytes + 1)`` does."""
     chunks, total, want = [], 0, min(size, max_bytes) + 1
     while True:
         chunk = f.read(min(want, max_bytes + 1 - total))

@@ -213,16 +213,9 @@ class Preprocess:
             raise ValueError(f"preprocess: out must be a (3, {self.n_px}, {self.n_px}) tensor; "
                              f"got {shape}.")
         width, height = image.size
-        new_width, new_height = resized_size(width, height, self.n_px)
-        if (image.mode in fused.MODES and out.device.type == "cpu"
-                and out.dtype in fused.DTYPES and self.path == "compiled op"
-                and max(width, height, new_width, new_height) <= fused.MAX_SIDE):
+        if image.mode in fused.MODES and self._op_applies(width, height, out):
             pixels, owner = fused.pixels(image)
-            fused.resize_crop_normalize(
-                pixels, (new_height, new_width),
-                normalization_table(self.mean, self.std, out.dtype,
-                                    compute=torch.get_default_dtype()), out,
-                fused.vertical_first(width, height, new_width, new_height))
+            self._op_into(pixels, width, height, out)
             del owner  # the image's memory, which pixels may view, was kept alive until here
             return out
         return out.copy_(self.reference(image))
@@ -232,18 +225,26 @@ class Preprocess:
         PIL image ``into`` would take) into ``out`` through the compiled op; returns
         ``out``, or None where the op does not apply (then give ``into`` a PIL image)."""
         height, width = pixels.shape[:2]
-        new_width, new_height = resized_size(width, height, self.n_px)
-        if not (pixels.ndim == 3 and pixels.shape[2] == 3 and out.device.type == "cpu"
-                and out.dtype in fused.DTYPES and self.path == "compiled op"
-                and max(width, height, new_width, new_height) <= fused.MAX_SIDE):
+        if not (pixels.ndim == 3 and pixels.shape[2] == 3
+                and self._op_applies(width, height, out)):
             return None
-        fused.resize_crop_normalize(
-            torch.from_numpy(pixels) if not isinstance(pixels, torch.Tensor) else pixels,
-            (new_height, new_width),
+        if not isinstance(pixels, torch.Tensor):
+            pixels = torch.from_numpy(pixels)
+        return self._op_into(pixels, width, height, out)
+
+    def _op_applies(self, width, height, out):
+        new_width, new_height = resized_size(width, height, self.n_px)
+        return (out.device.type == "cpu" and out.dtype in fused.DTYPES
+                and self.path == "compiled op"
+                and max(width, height, new_width, new_height) <= fused.MAX_SIDE)
+
+    def _op_into(self, pixels, width, height, out):
+        new_width, new_height = resized_size(width, height, self.n_px)
+        return fused.resize_crop_normalize(
+            pixels, (new_height, new_width),
             normalization_table(self.mean, self.std, out.dtype,
                                 compute=torch.get_default_dtype()), out,
             fused.vertical_first(width, height, new_width, new_height))
-        return out
 
     def reference(self, image):
         """PIL's calls in OpenAI's order: the path for every mode, and the op's reference."""

@@ -160,11 +160,26 @@ def test_files_are_read_whole_whatever_size_they_report(tmp_path):
         read_file(str(path), max_bytes=9)
 
 
+def reads_in_a_forked_child(path, expected):
+    """Whether a child forked from this process reads ``expected`` from ``path`` with a
+    timeout (as a DataLoader worker would)."""
+    import os
+
+    from fastclip import images as images_module
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = images_module.read_file(str(path), timeout=5) == expected
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
 def test_timed_reads_use_one_thread_again_across_stalls_and_forks(tmp_path, monkeypatch):
     """A timed read runs on a thread kept for the calling thread: many reads start no more
     threads, a read after a stalled one gets a fresh worker, and a forked child (a
     DataLoader worker) starts its own rather than waiting on its parent's."""
-    import os
     import threading
 
     from fastclip import images as images_module
@@ -183,14 +198,8 @@ def test_timed_reads_use_one_thread_again_across_stalls_and_forks(tmp_path, monk
     assert len({id(thread) for thread in readers}) == 1
     assert readers[0] is not threading.current_thread()
 
-    pid = os.fork()
-    if pid == 0:  # the child: the parent's worker thread does not exist here
-        try:
-            ok = images_module.read_file(str(path), timeout=5) == b"x" * 100
-        except BaseException:
-            ok = False
-        os._exit(0 if ok else 1)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    # the child: the parent's worker thread does not exist there
+    assert reads_in_a_forked_child(path, b"x" * 100)
 
     stalled = threading.Event()
     monkeypatch.setattr(images_module, "_read_file", lambda p, m: stalled.wait() and b"")
@@ -234,8 +243,6 @@ def test_a_file_longer_than_it_claims_is_refused_before_its_pieces_are_joined():
 
 
 def test_idle_read_workers_end_and_forked_children_forget_stalled_reads(monkeypatch, tmp_path):
-    import os
-    import time
 
     from fastclip import images as images_module
     path = tmp_path / "a.bin"
@@ -247,14 +254,6 @@ def test_idle_read_workers_end_and_forked_children_forget_stalled_reads(monkeypa
     worker.thread.join(5)
     assert not worker.thread.is_alive(), "an idle worker should end"
     assert images_module.read_file(str(path), timeout=5) == b"x" * 10  # a new one
-    time.sleep(0.01)
 
     monkeypatch.setitem(images_module._STALLED, "count", images_module.MAX_STALLED_READS)
-    pid = os.fork()
-    if pid == 0:  # the parent's stalled reads do not exist here
-        try:
-            ok = images_module.read_file(str(path), timeout=5) == b"x" * 10
-        except BaseException:
-            ok = False
-        os._exit(0 if ok else 1)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert reads_in_a_forked_child(path, b"x" * 10)  # the parent's stalled reads are not there

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_linear, reference
+from .cpu_linear import QUICK_GELU_SCALE
 
 
 def _compiled_on_cpu(*tensors):
@@ -86,9 +87,6 @@ def mlp(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=None
     return out if residual is None else residual + out
 
 
-QUICK_GELU_SLOPE = 1.702
-
-
 def _quick_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     """``Linear -> QuickGELU -> Linear`` with one elementwise pass. QuickGELU(h) =
     h * sigmoid(1.702 h) = silu(1.702 h) / 1.702, so the first product's epilogue computes
@@ -97,15 +95,15 @@ def _quick_gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     1.702. The biases stay vectors, so cuBLASLt still adds them in its epilogue."""
     rows = x.reshape(-1, x.shape[-1])
     if fc_bias is not None:
-        hidden = torch.addmm(fc_bias * QUICK_GELU_SLOPE, rows, fc_weight.t(),
-                             alpha=QUICK_GELU_SLOPE)
+        hidden = torch.addmm(fc_bias * QUICK_GELU_SCALE, rows, fc_weight.t(),
+                             alpha=QUICK_GELU_SCALE)
     else:
-        hidden = torch.mm(rows, fc_weight.t()).mul_(QUICK_GELU_SLOPE)
+        hidden = torch.mm(rows, fc_weight.t()).mul_(QUICK_GELU_SCALE)
     hidden = F.silu(hidden, inplace=not (torch.is_grad_enabled() and hidden.requires_grad))
     if proj_bias is not None:
-        out = torch.addmm(proj_bias, hidden, proj_weight.t(), alpha=1 / QUICK_GELU_SLOPE)
+        out = torch.addmm(proj_bias, hidden, proj_weight.t(), alpha=1 / QUICK_GELU_SCALE)
     else:
-        out = torch.mm(hidden, proj_weight.t()).div_(QUICK_GELU_SLOPE)
+        out = torch.mm(hidden, proj_weight.t()).div_(QUICK_GELU_SCALE)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
