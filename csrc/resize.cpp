@@ -17,6 +17,7 @@
 #include "resize_op.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
 #define FASTCLIP_X86 1
 #define FASTCLIP_TARGET(isa) __attribute__((target(isa)))
 #else
@@ -59,6 +60,51 @@ FASTCLIP_INLINE void load_pixel(const uint8_t* px, int64_t sc, bool premultiplie
   }
 }
 
+// The instruction set a kernel is compiled for: the plain loops are compiled for each, and
+// the filters' sums are written with AVX2 intrinsics where it is there (the compilers' own
+// vectorisation of them spills the sums).
+enum class Level { kPortable, kAvx2 };
+
+#if FASTCLIP_X86
+// One filter's taps over 8 * V byte lanes: lane l sums kHalf + s[t * step + l] * w[t] over
+// the taps t, in 32-bit ints, and out[l] is the sum clipped as Pillow's clip8 (shifted, then
+// saturated to a byte through the 16-bit packs). The same arithmetic as the plain loops.
+// Not forced inline: its callers are compiled for no instruction set of their own.
+template <int V>
+FASTCLIP_TARGET("avx2")
+void filter_avx2(const uint8_t* s, int64_t step, const int32_t* w, int taps,
+                                 uint8_t* out) {
+  static_assert(V % 2 == 0, "lanes come in pairs of vectors");
+  __m256i acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_set1_epi32(kHalf);
+  for (int t = 0; t < taps; ++t, s += step) {
+    const __m256i weight = _mm256_set1_epi32(w[t]);
+    for (int v = 0; v < V; ++v) {
+      const __m256i px = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 8 * v)));
+      acc[v] = _mm256_add_epi32(acc[v], _mm256_mullo_epi32(px, weight));
+    }
+  }
+  // The packs work within 128-bit halves: each is followed by the permute that puts the
+  // lanes back in order.
+  __m256i words[V / 2];
+  for (int v = 0; v < V; v += 2)
+    words[v / 2] = _mm256_permute4x64_epi64(
+        _mm256_packs_epi32(_mm256_srai_epi32(acc[v], kPrecisionBits),
+                           _mm256_srai_epi32(acc[v + 1], kPrecisionBits)),
+        0xD8);
+  int v = 0;
+  for (; v + 1 < V / 2; v += 2)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16 * v),
+                        _mm256_permute4x64_epi64(_mm256_packus_epi16(words[v], words[v + 1]),
+                                                 0xD8));
+  if (v < V / 2)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * v),
+                     _mm256_castsi256_si128(_mm256_permute4x64_epi64(
+                         _mm256_packus_epi16(words[v], words[v]), 0xD8)));
+}
+#endif
+
 // Memory for one image's intermediate bytes, kept per thread from one image to the next
 // (fresh memory costs a page fault per page, every image). The bytes the kernels read
 // without having written them (a row's padding, a block's rows past the image's last) only
@@ -79,7 +125,7 @@ inline int64_t padded_row(int64_t row_len) { return (row_len + kChunk - 1) / kCh
 // The horizontal pass into temp (temp_rows rows of padded_row(kept_cols * C) bytes). Rows are
 // filtered 16 at a time from a transposed block [input column][row][channel], so that every
 // tap is one multiply-add over 16 * C contiguous lanes.
-template <int C>
+template <Level L, int C>
 FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* temp) {
   const int64_t cols = p.kept_cols(), rows = p.temp_rows();
   const int64_t stride = padded_row(cols * C);
@@ -148,18 +194,25 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
     const int32_t* all_weights = p.h.weights.data();
     const int64_t in_col0 = p.in_col0;
     for (int64_t j = 0; j < cols; ++j) {
-      int32_t acc[kLanes];
-      for (int l = 0; l < kLanes; ++l) acc[l] = kHalf;
       const uint8_t* src = block.data() + (starts[j] - in_col0) * kColumn;
       const int32_t* weights = all_weights + j * ksize;
       const int taps = tap_counts[j];
-      for (int t = 0; t < taps; ++t) {
-        const int32_t w = weights[t];
-        const uint8_t* s = src + t * kColumn;
-        for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<int32_t>(s[l]) * w;
-      }
       uint8_t packed[kLanes + 1];
-      for (int l = 0; l < kLanes; ++l) packed[l] = clip8(acc[l]);
+#if FASTCLIP_X86
+      if constexpr (L == Level::kAvx2) {
+        filter_avx2<kLanes / 8>(src, kColumn, weights, taps, packed);
+      } else
+#endif
+      {
+        int32_t acc[kLanes];
+        for (int l = 0; l < kLanes; ++l) acc[l] = kHalf;
+        for (int t = 0; t < taps; ++t) {
+          const int32_t w = weights[t];
+          const uint8_t* s = src + t * kColumn;
+          for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<int32_t>(s[l]) * w;
+        }
+        for (int l = 0; l < kLanes; ++l) packed[l] = clip8(acc[l]);
+      }
       uint8_t* dst = temp + r0 * stride + j * C;
       if (C == 3 && j + 1 < cols) {
         // 4-byte copies: the byte after the pixel is the next column's, written next.
@@ -173,11 +226,19 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
 
 // The vertical pass of one kept row into line, kChunk lanes at a time with the sums in
 // registers across the taps. Both rows are padded to a multiple of kChunk.
+template <Level L>
 FASTCLIP_INLINE void vertical_row(const Plan& p, int64_t j, const uint8_t* __restrict__ temp,
                                   uint8_t* __restrict__ line, int64_t stride) {
   const int32_t* weights = &p.v.weights[j * p.v.ksize];
   const uint8_t* base = temp + (p.v.start[j] - p.in_row0) * stride;
   const int taps = p.v.taps[j];
+#if FASTCLIP_X86
+  if constexpr (L == Level::kAvx2) {
+    for (int64_t i0 = 0; i0 < stride; i0 += kChunk)
+      filter_avx2<kChunk / 8>(base + i0, stride, weights, taps, line + i0);
+    return;
+  }
+#endif
   for (int64_t i0 = 0; i0 < stride; i0 += kChunk) {
     int32_t acc[kChunk];
     for (int l = 0; l < kChunk; ++l) acc[l] = kHalf;
@@ -218,7 +279,7 @@ FASTCLIP_INLINE void write_pixels(const uint8_t* src, const T* table, T* o0, T* 
 // The vertical pass, then each kept pixel to RGB and through the table into out
 // (3, out_h, out_w); the crop's cells outside the image are zero pixels. T is an unsigned
 // integer of the output element's size: values are only copied.
-template <int C, typename T>
+template <Level L, int C, typename T>
 FASTCLIP_INLINE void vertical_and_write(const Plan& p, const uint8_t* temp, const T* table,
                                         T* out, const int64_t* so) {
   const int64_t stride = padded_row(p.kept_cols() * C);
@@ -239,7 +300,7 @@ FASTCLIP_INLINE void vertical_and_write(const Plan& p, const uint8_t* temp, cons
     if (!inside) continue;
     const uint8_t* src;
     if (p.need_v) {
-      vertical_row(p, yy - p.row0, temp, line.data(), stride);
+      vertical_row<L>(p, yy - p.row0, temp, line.data(), stride);
       src = line.data();
     } else {
       src = temp + (yy - p.in_row0) * stride;
@@ -251,33 +312,34 @@ FASTCLIP_INLINE void vertical_and_write(const Plan& p, const uint8_t* temp, cons
   }
 }
 
-template <int C, typename T>
+template <Level L, int C, typename T>
 FASTCLIP_INLINE void run_image(const Plan& p, const Pixels& in, const void* table, void* out,
                                const int64_t* so) {
   const int64_t size = p.temp_rows() * padded_row(p.kept_cols() * C);
   std::vector<uint8_t>& temp = scratch(0, size);
-  if (size > 0) horizontal_pass<C>(p, in, temp.data());
-  vertical_and_write<C, T>(p, temp.data(), static_cast<const T*>(table), static_cast<T*>(out),
-                           so);
+  if (size > 0) horizontal_pass<L, C>(p, in, temp.data());
+  vertical_and_write<L, C, T>(p, temp.data(), static_cast<const T*>(table),
+                              static_cast<T*>(out), so);
 }
 
-template <typename T>
+template <Level L, typename T>
 FASTCLIP_INLINE void run_channels(const Plan& p, const Pixels& in, const void* table,
                                   void* out, const int64_t* so) {
   switch (p.channels) {
-    case 1: run_image<1, T>(p, in, table, out, so); break;
-    case 2: run_image<2, T>(p, in, table, out, so); break;
-    case 3: run_image<3, T>(p, in, table, out, so); break;
-    default: run_image<4, T>(p, in, table, out, so); break;
+    case 1: run_image<L, 1, T>(p, in, table, out, so); break;
+    case 2: run_image<L, 2, T>(p, in, table, out, so); break;
+    case 3: run_image<L, 3, T>(p, in, table, out, so); break;
+    default: run_image<L, 4, T>(p, in, table, out, so); break;
   }
 }
 
+template <Level L>
 FASTCLIP_INLINE void run_any(const Plan& p, const Pixels& in, const void* table, void* out,
                              const int64_t* so, int64_t element_size) {
   switch (element_size) {
-    case 2: run_channels<uint16_t>(p, in, table, out, so); break;
-    case 4: run_channels<uint32_t>(p, in, table, out, so); break;
-    default: run_channels<uint64_t>(p, in, table, out, so); break;
+    case 2: run_channels<L, uint16_t>(p, in, table, out, so); break;
+    case 4: run_channels<L, uint32_t>(p, in, table, out, so); break;
+    default: run_channels<L, uint64_t>(p, in, table, out, so); break;
   }
 }
 
@@ -286,20 +348,20 @@ using Runner = void (*)(const Plan&, const Pixels&, const void*, void*, const in
 
 void run_portable(const Plan& p, const Pixels& in, const void* table, void* out,
                   const int64_t* so, int64_t element_size) {
-  run_any(p, in, table, out, so, element_size);
+  run_any<Level::kPortable>(p, in, table, out, so, element_size);
 }
 
 #if FASTCLIP_X86
 FASTCLIP_TARGET("avx2")
 void run_avx2(const Plan& p, const Pixels& in, const void* table, void* out, const int64_t* so,
               int64_t element_size) {
-  run_any(p, in, table, out, so, element_size);
+  run_any<Level::kAvx2>(p, in, table, out, so, element_size);
 }
 
 FASTCLIP_TARGET("avx512f,avx512bw")
 void run_avx512(const Plan& p, const Pixels& in, const void* table, void* out,
                 const int64_t* so, int64_t element_size) {
-  run_any(p, in, table, out, so, element_size);
+  run_any<Level::kAvx2>(p, in, table, out, so, element_size);
 }
 #endif
 

@@ -69,50 +69,96 @@ def read_file(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
     finished by then (a stalled network or FUSE mount) is this input's failure; the read is
     left to finish or block on a thread of its own, and the caller moves on. ``read(path,
     max_bytes)`` reads other storage than local files (an object store's)."""
-    if path is None:
-        raise InputError("no image path (an empty cell in the table)")
-    read_bytes = read or _read_file
-    if timeout is None:
-        return read_bytes(path, max_bytes)
-    if _STALLED["count"] >= MAX_STALLED_READS:
-        raise InputError(f"not read: {_STALLED['count']} earlier reads of this process are "
-                         "still stalled, so the storage is not answering")
-    outcome = []
-    state = {"done": False, "stalled": False}
-    done = threading.Event()
+    return start_read(path, max_bytes, timeout, read).result()
 
-    def read():
-        try:
-            outcome.append((True, read_bytes(path, max_bytes)))
-        except BaseException as error:  # handed to the caller's thread below
-            outcome.append((False, error))
-        finally:
+
+def start_read(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
+    """:func:`read_file`'s read, begun now (with ``timeout``, on the calling thread's read
+    worker) and ended by the returned :class:`PendingRead`'s ``result()``, so that a caller
+    can read its next inputs while it works on this one. Without a timeout the read happens
+    in ``result()``, on the caller's thread."""
+    return PendingRead(path, max_bytes, timeout, read or _read_file)
+
+
+class PendingRead:
+    """One read of :func:`start_read`. ``result()`` gives its bytes or raises its
+    :class:`InputError`; the caller waits at most ``timeout`` seconds in it (a read begun
+    early has had that head start too), and a read still running then is stalled: its
+    worker is left to it, and the reads queued behind it go to a fresh worker."""
+
+    def __init__(self, path, max_bytes, timeout, read_bytes):
+        self.path, self.max_bytes, self.timeout = path, max_bytes, timeout
+        self._read_bytes = read_bytes
+        self._outcome = None  # (True, bytes) or (False, exception), once known
+        # "queued", then "running" and "done"; "stalled" while it blocks past its timeout,
+        # "cancelled" if its timeout passed before it began.
+        self._state = "queued"
+        self._worker = None
+        if path is None:
+            self._outcome = (False, InputError("no image path (an empty cell in the table)"))
+        elif timeout is not None:
+            if _STALLED["count"] >= MAX_STALLED_READS:
+                self._outcome = (False, InputError(
+                    f"not read: {_STALLED['count']} earlier reads of this process are still "
+                    "stalled, so the storage is not answering"))
+            else:
+                self._done = threading.Event()
+                self._worker = _ReadWorker.submit(self)
+
+    def result(self):
+        if self._outcome is None and self.timeout is None:
+            self._outcome = self._attempt()
+        elif self._outcome is None:
+            with _STALLED_LOCK:  # queued on a worker left to a stalled read: move it
+                move = self._state == "queued" and self._worker.retired
+            if move:
+                self._worker = _ReadWorker.submit(self)
+            self._done.wait(self.timeout)
             with _STALLED_LOCK:
-                state["done"] = True
-                if state["stalled"]:
-                    _STALLED["count"] -= 1
-            done.set()
+                state = self._state
+                if state == "running":  # it blocks its thread: counted until it returns
+                    self._state = "stalled"
+                    _STALLED["count"] += 1
+                elif state == "queued":  # never begun: the worker is blocked by another read
+                    self._state = "cancelled"
+            if state != "done":
+                self._worker.abandon()  # blocked: later reads get a fresh worker
+                self._outcome = (False, InputError(
+                    f"the read did not finish within {self.timeout:g} s (a stalled mount?)"
+                    if state == "running" else f"the read did not begin within "
+                    f"{self.timeout:g} s: an earlier read of this process is stalled"))
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
 
-    worker = _ReadWorker.run(read)
-    done.wait(timeout)
-    with _STALLED_LOCK:
-        if not state["done"]:
-            state["stalled"] = True
-            _STALLED["count"] += 1
-    if state["stalled"]:
-        worker.abandon()  # busy with this read: the next read gets a worker of its own
-        raise InputError(f"the read did not finish within {timeout:g} s (a stalled mount?)")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
+    def _attempt(self):
+        try:
+            return True, self._read_bytes(self.path, self.max_bytes)
+        except BaseException as error:  # handed to the caller's thread by result()
+            return False, error
+
+    def run_on(self, worker):
+        """Run the read on ``worker``'s thread, unless it has moved to another worker."""
+        with _STALLED_LOCK:
+            if self._state != "queued" or self._worker is not worker:
+                return
+            self._state = "running"
+        outcome = self._attempt()
+        with _STALLED_LOCK:
+            if self._state == "stalled":
+                _STALLED["count"] -= 1  # it came back: no longer blocking a thread
+            else:
+                self._outcome = outcome  # not yet given up on: result() hands it over
+            self._state = "done"
+        self._done.set()
 
 
 class _ReadWorker:
-    """The thread that runs one calling thread's timed reads, used again from read to read
-    rather than started for each. A worker left with a stalled read
-    ends once that read returns; an idle one ends after a few seconds (its caller then gets a
-    new one). A process forked from the caller starts its own."""
+    """The thread that runs one calling thread's timed reads in the order they were begun,
+    used again from read to read rather than started for each. A worker left with a stalled
+    read ends once that read returns; an idle one ends after a few seconds (its caller then
+    gets a new one). A process forked from the caller starts its own."""
 
     _local = threading.local()
     IDLE_SECONDS = 5
@@ -120,44 +166,53 @@ class _ReadWorker:
     def __init__(self):
         self._jobs = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._retired = False
+        self.retired = False
         self._pid = os.getpid()
         self.thread = threading.Thread(target=self._loop, name="fastclip-read", daemon=True)
         self.thread.start()
 
     @classmethod
-    def run(cls, job):
-        """Run ``job`` on this thread's worker; returns the worker."""
+    def submit(cls, read):
+        """Queue ``read`` (a :class:`PendingRead`) on this thread's worker; returns the
+        worker. The read is bound to the worker before it is queued."""
         while True:
             worker = getattr(cls._local, "worker", None)
             if worker is None or worker._pid != os.getpid():  # a forked child has no thread
                 worker = cls._local.worker = cls()
             with worker._lock:
-                if not worker._retired:
-                    worker._jobs.put(job)
+                if not worker.retired:
+                    with _STALLED_LOCK:
+                        read._worker = worker
+                    worker._jobs.put(read)
                     return worker
             cls._local.worker = None  # it ended while idle
 
     def abandon(self):
-        """Leave this worker to a stalled read: it ends when the read returns."""
-        self._local.worker = None
+        """Leave this worker to a stalled read: it ends when the read returns, and the reads
+        queued on it are moved by their callers."""
+        if getattr(self._local, "worker", None) is self:
+            self._local.worker = None
         with self._lock:
-            self._retired = True
+            self.retired = True
             self._jobs.put(None)
 
     def _loop(self):
         while True:
             try:
-                job = self._jobs.get(timeout=self.IDLE_SECONDS)
+                read = self._jobs.get(timeout=self.IDLE_SECONDS)
             except queue.Empty:
                 with self._lock:
                     if self._jobs.empty():
-                        self._retired = True
+                        self.retired = True
                         return
                 continue
-            if job is None:
+            if read is None:
                 return
-            job()
+            if self.retired:
+                # Left to a stalled read that has now returned: the reads still queued
+                # here are moved to the caller's new worker when they are needed.
+                continue
+            read.run_on(self)
 
 
 def _forget_stalled_reads():

@@ -140,6 +140,108 @@ def test_many_stalled_reads_fail_the_rest_at_once(monkeypatch, tmp_path):
     assert images_module._STALLED["count"] == 0  # the reads that came back are counted off
 
 
+def wait_for_no_stalled_reads(images_module):
+    import time
+    deadline = time.monotonic() + 5
+    while images_module._STALLED["count"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return images_module._STALLED["count"] == 0
+
+
+def test_reads_queued_behind_a_stalled_one_are_read_by_a_fresh_worker(monkeypatch, tmp_path):
+    """Reads begun ahead (the embed reader's read-ahead) share one worker: when the first
+    stalls, it is the only failure, and the reads queued behind it are moved to a new worker
+    and read; a read whose turn comes before the stalled one's fails as not begun, without
+    counting as one more stalled read."""
+    import threading
+
+    from fastclip import images as images_module
+    stalled, real_read = threading.Event(), images_module._read_file
+    paths = []
+    for name in ("stall", "b", "c", "d"):
+        paths.append(tmp_path / f"{name}.bin")
+        paths[-1].write_bytes(name.encode() * 10)
+
+    def read(path, max_bytes):
+        if path.endswith("stall.bin"):
+            stalled.wait()
+        return real_read(path, max_bytes)
+
+    monkeypatch.setattr(images_module, "_read_file", read)
+    try:
+        first, *rest = [images_module.start_read(str(p), timeout=0.2) for p in paths]
+        with pytest.raises(images_module.InputError, match="did not finish within 0.2 s"):
+            first.result()
+        assert images_module._STALLED["count"] == 1
+        assert [r.result() for r in rest] == [b"b" * 10, b"c" * 10, b"d" * 10]
+
+        blocked = images_module.start_read(str(paths[0]), timeout=0.2)
+        behind = images_module.start_read(str(paths[1]), timeout=0.2)
+        with pytest.raises(images_module.InputError, match="did not begin within 0.2 s"):
+            behind.result()  # its turn before the stalled read's
+        assert images_module._STALLED["count"] == 1
+        with pytest.raises(images_module.InputError, match="did not finish within"):
+            blocked.result()
+        assert images_module._STALLED["count"] == 2
+        assert images_module.read_file(str(paths[2]), timeout=5) == b"c" * 10
+    finally:
+        stalled.set()
+    assert wait_for_no_stalled_reads(images_module)
+
+
+def test_an_untimed_read_happens_when_its_result_is_asked_for(monkeypatch, tmp_path):
+    from fastclip import images as images_module
+    calls = []
+    monkeypatch.setattr(images_module, "_read_file", lambda p, m: calls.append(p) or b"x")
+    read = images_module.start_read(str(tmp_path / "a.jpg"))
+    assert calls == []
+    assert read.result() == b"x" and calls == [str(tmp_path / "a.jpg")]
+    with pytest.raises(images_module.InputError, match="no image path"):
+        images_module.start_read(None, timeout=5).result()
+
+
+def test_the_reader_begins_reads_ahead_of_the_image_it_decodes(tmp_path, monkeypatch):
+    """Within a listed chunk, the reads of the next READ_AHEAD inputs (images and caption
+    sidecars) have begun when an image is decoded, and each input's rows are as without
+    read-ahead."""
+    from fastclip.embed import reader as reader_module
+    from fastclip.embed.plan import plan_job
+
+    from embed_helpers import write_images
+    paths = write_images(tmp_path / "images", 9, nested=False)
+    for path in paths:
+        with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+            f.write("caption of " + os.path.basename(path))
+    events = []
+    real_start, real_decode = reader_module.start_read, reader_module.decode_image
+
+    def start(path, *args):
+        events.append(("read", os.path.basename(path)))
+        return real_start(path, *args)
+
+    def decode(data, *args):
+        events.append(("decode", None))
+        return real_decode(data, *args)
+
+    monkeypatch.setattr(reader_module, "start_read", start)
+    monkeypatch.setattr(reader_module, "decode_image", decode)
+    monkeypatch.setattr(reader_module, "decode_jpeg_pixels", lambda *args: None)
+    import fastclip
+    plan = plan_job(images=[str(tmp_path / "images")])
+    dataset = reader_module.EmbedDataset(plan.chunks, fastclip.Preprocess(32), 16, True, True,
+                                         read_timeout=5)
+    batches = list(dataset)
+    rows = [row for batch in batches for row in batch["rows"]]
+    assert [row["image_path"] for row in rows] == paths
+    assert [row["caption"] for row in rows] == [
+        "caption of " + os.path.basename(path) for path in paths]
+    reads_before = [sum(kind == "read" for kind, _ in events[:i])
+                    for i, (kind, _) in enumerate(events) if kind == "decode"]
+    # Two reads (image and caption) per input.
+    assert reads_before[0] == 2 * (reader_module.READ_AHEAD + 1) > 2
+    assert reads_before == [2 * min(n + reader_module.READ_AHEAD + 1, 9) for n in range(9)]
+
+
 def test_a_file_larger_than_it_claims_is_bounded(tmp_path):
     from fastclip.images import InputError, read_file
     with pytest.raises(InputError, match="more than the 10-byte limit"):

@@ -11,6 +11,7 @@ input's failure; a tar shard cut short keeps the complete samples before the dam
 (``shards``).
 """
 
+from collections import deque
 from functools import partial
 
 import torch
@@ -23,7 +24,7 @@ from ..images import (
     PixelBuffer,
     decode_image,
     decode_jpeg_pixels,
-    read_file,
+    start_read,
 )
 from ..tokenizer import tokenize
 from ..transform import resized_size
@@ -37,6 +38,12 @@ from .shards import (  # noqa: F401  (iter_webdataset and sample_image: importab
     sample_image,
 )
 from .tables import TableRows
+
+# Inputs of a listed chunk whose files are being read while an earlier one is decoded: the
+# timed reads run on the worker's read thread (images.start_read), and a read begun a few
+# inputs ahead is done when its input's turn comes, so the decoding thread neither waits
+# for the read nor for that thread to wake.
+READ_AHEAD = 4
 
 
 def check_resized_size(preprocess, width, height, max_pixels):
@@ -177,9 +184,13 @@ class EmbedDataset(IterableDataset):
 
     def _read_path(self, path):
         """The bytes of a local file or of a URL's object, within the read timeout."""
+        return self._start_read(path).result()
+
+    def _start_read(self, path):
+        """The read of :meth:`_read_path`, begun now (``images.PendingRead``)."""
         remote = partial(storage.read_remote, options=self.storage_options)
-        return read_file(path, self.max_bytes, self.read_timeout,
-                         remote if path is not None and storage.is_url(path) else None)
+        return start_read(path, self.max_bytes, self.read_timeout,
+                          remote if path is not None and storage.is_url(path) else None)
 
     def _table_row(self, item, names):
         if self._tables is None:
@@ -213,47 +224,68 @@ class EmbedDataset(IterableDataset):
                              f"{self.max_bytes}-byte limit")
         return value
 
-    def _sidecar_fields(self, item):
-        """``{extension: bytes}`` of the sidecars beside a folder's image that the job
-        reads: the caption's, and the ``.json`` for --enable-metadata."""
+    def _begin_reads(self, item):
+        """The reads of ``item``'s files that the job needs, begun now: ``({extension:
+        read}, image read or None)``. The sidecars beside a folder's image are the
+        caption's and, for --enable-metadata, the ``.json``; the image is read here unless
+        it is in a table's cell (whose row is read when the item's turn comes)."""
+        if item.error is not None:
+            return {}, None
         wanted = set()
         if self.embed_texts and item.text is None:
             wanted.add(caption_extension(self.caption_key))
         if self.enable_metadata:
             wanted.add("json")
-        fields = {}
-        for extension, path in item.sidecars:
-            if extension in wanted:
-                try:
-                    fields[extension] = self._read_path(path)
-                except InputError as error:
-                    fields[extension] = error
-        return fields
+        sidecars = {extension: self._start_read(path) for extension, path in item.sidecars or ()
+                    if extension in wanted}
+        image = (self._start_read(item.image_path)
+                 if self.embed_images and not item.image_cell else None)
+        return sidecars, image
 
     def _listed_samples(self, items):
-        for item in items:
-            if item.error is not None:
-                yield ({"key": item.key, "image_path": item.image_path, "caption": item.text},
-                       None, item.error)
-                continue
-            text, extra, row = item.text, {}, None
-            try:
-                fields = self._sidecar_fields(item) if item.sidecars else {}
-                if text is None and self.embed_texts:
-                    error = fields.get(caption_extension(self.caption_key))
-                    text = error if isinstance(error, InputError) else \
-                        sample_caption(fields, self.caption_key)
-                names = self._row_names(item) if item.table else []
-                row = self._table_row(item, names) if names else None
-                if self.enable_metadata:
-                    extra = json_fields(fields)
-                    extra.update({name: value for name, value in (row or {}).items()
-                                  if name != item.image_cell})
-            except InputError as error:
-                text = error
-            read = (partial(self._cell_image, item, row) if item.image_cell
-                    else partial(self._read_path, item.image_path))
-            yield self._sample(item.key, item.image_path, text, read, extra)
+        """The samples of ``items`` in order, each one's reads begun ``READ_AHEAD``
+        inputs before its turn."""
+        items, pending = iter(items), deque()
+        while True:
+            for item in items:
+                pending.append((item, self._begin_reads(item)))
+                if len(pending) > READ_AHEAD:
+                    break
+            if not pending:
+                return
+            item, reads = pending.popleft()
+            yield self._listed_sample(item, *reads)
+
+    def _listed_sample(self, item, sidecar_reads, image_read):
+        if item.error is not None:
+            return ({"key": item.key, "image_path": item.image_path, "caption": item.text},
+                    None, item.error)
+        text, extra, row = item.text, {}, None
+        try:
+            fields = {}
+            for extension, read in sidecar_reads.items():
+                try:
+                    fields[extension] = read.result()
+                except InputError as error:
+                    fields[extension] = error
+            if text is None and self.embed_texts:
+                error = fields.get(caption_extension(self.caption_key))
+                text = error if isinstance(error, InputError) else \
+                    sample_caption(fields, self.caption_key)
+            names = self._row_names(item) if item.table else []
+            row = self._table_row(item, names) if names else None
+            if self.enable_metadata:
+                extra = json_fields(fields)
+                extra.update({name: value for name, value in (row or {}).items()
+                              if name != item.image_cell})
+        except InputError as error:
+            text = error
+        if item.image_cell:
+            read = partial(self._cell_image, item, row)
+        else:
+            read = image_read.result if image_read is not None else \
+                partial(self._read_path, item.image_path)
+        return self._sample(item.key, item.image_path, text, read, extra)
 
     def _samples(self, chunk):
         """``(row, image tensor, failure reason)`` for each sample of a tar shard."""
