@@ -61,9 +61,9 @@ FASTCLIP_INLINE void load_pixel(const uint8_t* px, int64_t sc, bool premultiplie
 }
 
 // The instruction set a kernel is compiled for: the plain loops are compiled for each, and
-// the filters' sums are written with AVX2 intrinsics where it is there (the compilers' own
-// vectorisation of them spills the sums).
-enum class Level { kPortable, kAvx2 };
+// the filters' sums are written with AVX2 or AVX-512 intrinsics where those are there (the
+// compilers' own vectorisation of them spills the sums).
+enum class Level { kPortable, kAvx2, kAvx512 };
 
 #if FASTCLIP_X86
 // One filter's taps over 8 * V byte lanes: lane l sums kHalf + s[t * step + l] * w[t] over
@@ -102,6 +102,29 @@ void filter_avx2(const uint8_t* s, int64_t step, const int32_t* w, int taps,
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * v),
                      _mm256_castsi256_si128(_mm256_permute4x64_epi64(
                          _mm256_packus_epi16(words[v], words[v]), 0xD8)));
+}
+
+// filter_avx2 over 16 * V lanes in 512-bit registers.
+template <int V>
+FASTCLIP_TARGET("avx512f,avx512bw")
+void filter_avx512(const uint8_t* s, int64_t step, const int32_t* w, int taps,
+                   uint8_t* out) {
+  __m512i acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_set1_epi32(kHalf);
+  for (int t = 0; t < taps; ++t, s += step) {
+    const __m512i weight = _mm512_set1_epi32(w[t]);
+    for (int v = 0; v < V; ++v) {
+      const __m512i px = _mm512_cvtepu8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16 * v)));
+      acc[v] = _mm512_add_epi32(acc[v], _mm512_mullo_epi32(px, weight));
+    }
+  }
+  const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(255);
+  for (int v = 0; v < V; ++v) {
+    const __m512i value = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_srai_epi32(acc[v], kPrecisionBits), zero), top);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * v), _mm512_cvtepi32_epi8(value));
+  }
 }
 #endif
 
@@ -199,7 +222,9 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
       const int taps = tap_counts[j];
       uint8_t packed[kLanes + 1];
 #if FASTCLIP_X86
-      if constexpr (L == Level::kAvx2) {
+      if constexpr (L == Level::kAvx512) {
+        filter_avx512<kLanes / 16>(src, kColumn, weights, taps, packed);
+      } else if constexpr (L == Level::kAvx2) {
         filter_avx2<kLanes / 8>(src, kColumn, weights, taps, packed);
       } else
 #endif
@@ -233,7 +258,11 @@ FASTCLIP_INLINE void vertical_row(const Plan& p, int64_t j, const uint8_t* __res
   const uint8_t* base = temp + (p.v.start[j] - p.in_row0) * stride;
   const int taps = p.v.taps[j];
 #if FASTCLIP_X86
-  if constexpr (L == Level::kAvx2) {
+  if constexpr (L == Level::kAvx512) {
+    for (int64_t i0 = 0; i0 < stride; i0 += kChunk)
+      filter_avx512<kChunk / 16>(base + i0, stride, weights, taps, line + i0);
+    return;
+  } else if constexpr (L == Level::kAvx2) {
     for (int64_t i0 = 0; i0 < stride; i0 += kChunk)
       filter_avx2<kChunk / 8>(base + i0, stride, weights, taps, line + i0);
     return;
@@ -361,7 +390,7 @@ void run_avx2(const Plan& p, const Pixels& in, const void* table, void* out, con
 FASTCLIP_TARGET("avx512f,avx512bw")
 void run_avx512(const Plan& p, const Pixels& in, const void* table, void* out,
                 const int64_t* so, int64_t element_size) {
-  run_any<Level::kAvx2>(p, in, table, out, so, element_size);
+  run_any<Level::kAvx512>(p, in, table, out, so, element_size);
 }
 #endif
 

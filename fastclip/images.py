@@ -77,7 +77,19 @@ def start_read(path, max_bytes=DEFAULT_MAX_BYTES, timeout=None, read=None):
     worker) and ended by the returned :class:`PendingRead`'s ``result()``, so that a caller
     can read its next inputs while it works on this one. Without a timeout the read happens
     in ``result()``, on the caller's thread."""
-    return PendingRead(path, max_bytes, timeout, read or _read_file)
+    return start_reads([(path, read)], max_bytes, timeout)[0]
+
+
+def start_reads(requests, max_bytes=DEFAULT_MAX_BYTES, timeout=None):
+    """:func:`start_read` for each ``(path, read)`` of ``requests``, handed to the read
+    worker together (one wake-up of its thread), to run in this order."""
+    reads = [PendingRead(path, max_bytes, timeout, read or _read_file)
+             for path, read in requests]
+    queued = [read for read in reads if read._state == "queued" and read._outcome is None
+              and timeout is not None]
+    if queued:
+        _ReadWorker.submit(queued)
+    return reads
 
 
 class PendingRead:
@@ -85,6 +97,9 @@ class PendingRead:
     :class:`InputError`; the caller waits at most ``timeout`` seconds in it (a read begun
     early has had that head start too), and a read still running then is stalled: its
     worker is left to it, and the reads queued behind it go to a fresh worker."""
+
+    __slots__ = ("path", "max_bytes", "timeout", "_read_bytes", "_outcome", "_state", "_worker",
+                 "_done")
 
     def __init__(self, path, max_bytes, timeout, read_bytes):
         self.path, self.max_bytes, self.timeout = path, max_bytes, timeout
@@ -102,8 +117,10 @@ class PendingRead:
                     f"not read: {_STALLED['count']} earlier reads of this process are still "
                     "stalled, so the storage is not answering"))
             else:
-                self._done = threading.Event()
-                self._worker = _ReadWorker.submit(self)
+                # Held until the read is done (a lock is cheaper to make than an Event);
+                # start_reads hands the read to a worker.
+                self._done = threading.Lock()
+                self._done.acquire()
 
     def result(self):
         if self._outcome is None and self.timeout is None:
@@ -112,8 +129,9 @@ class PendingRead:
             with _STALLED_LOCK:  # queued on a worker left to a stalled read: move it
                 move = self._state == "queued" and self._worker.retired
             if move:
-                self._worker = _ReadWorker.submit(self)
-            self._done.wait(self.timeout)
+                _ReadWorker.submit([self])
+            if self._done.acquire(timeout=self.timeout):
+                self._done.release()
             with _STALLED_LOCK:
                 state = self._state
                 if state == "running":  # it blocks its thread: counted until it returns
@@ -151,7 +169,7 @@ class PendingRead:
             else:
                 self._outcome = outcome  # not yet given up on: result() hands it over
             self._state = "done"
-        self._done.set()
+        self._done.release()
 
 
 class _ReadWorker:
@@ -172,9 +190,9 @@ class _ReadWorker:
         self.thread.start()
 
     @classmethod
-    def submit(cls, read):
-        """Queue ``read`` (a :class:`PendingRead`) on this thread's worker; returns the
-        worker. The read is bound to the worker before it is queued."""
+    def submit(cls, reads):
+        """Queue ``reads`` (:class:`PendingRead`) on this thread's worker, bound to it
+        first."""
         while True:
             worker = getattr(cls._local, "worker", None)
             if worker is None or worker._pid != os.getpid():  # a forked child has no thread
@@ -182,9 +200,10 @@ class _ReadWorker:
             with worker._lock:
                 if not worker.retired:
                     with _STALLED_LOCK:
-                        read._worker = worker
-                    worker._jobs.put(read)
-                    return worker
+                        for read in reads:
+                            read._worker = worker
+                    worker._jobs.put(reads)
+                    return
             cls._local.worker = None  # it ended while idle
 
     def abandon(self):
@@ -199,20 +218,21 @@ class _ReadWorker:
     def _loop(self):
         while True:
             try:
-                read = self._jobs.get(timeout=self.IDLE_SECONDS)
+                reads = self._jobs.get(timeout=self.IDLE_SECONDS)
             except queue.Empty:
                 with self._lock:
                     if self._jobs.empty():
                         self.retired = True
                         return
                 continue
-            if read is None:
+            if reads is None:
                 return
-            if self.retired:
-                # Left to a stalled read that has now returned: the reads still queued
-                # here are moved to the caller's new worker when they are needed.
-                continue
-            read.run_on(self)
+            for read in reads:
+                if self.retired:
+                    # Left to a stalled read that has now returned: the reads still queued
+                    # here are moved to the caller's new worker when they are needed.
+                    break
+                read.run_on(self)
 
 
 def _forget_stalled_reads():

@@ -201,9 +201,9 @@ def test_an_untimed_read_happens_when_its_result_is_asked_for(monkeypatch, tmp_p
 
 
 def test_the_reader_begins_reads_ahead_of_the_image_it_decodes(tmp_path, monkeypatch):
-    """Within a listed chunk, the reads of the next READ_AHEAD inputs (images and caption
-    sidecars) have begun when an image is decoded, and each input's rows are as without
-    read-ahead."""
+    """Within a listed chunk, the reads of inputs (images and caption sidecars) are begun
+    ahead of their decoding, READ_AHEAD // 2 inputs at a time whenever no more than that
+    many are left, and each input's rows are as without read-ahead."""
     from fastclip.embed import reader as reader_module
     from fastclip.embed.plan import plan_job
 
@@ -213,17 +213,17 @@ def test_the_reader_begins_reads_ahead_of_the_image_it_decodes(tmp_path, monkeyp
         with open(os.path.splitext(path)[0] + ".txt", "w") as f:
             f.write("caption of " + os.path.basename(path))
     events = []
-    real_start, real_decode = reader_module.start_read, reader_module.decode_image
+    real_start, real_decode = reader_module.start_reads, reader_module.decode_image
 
-    def start(path, *args):
-        events.append(("read", os.path.basename(path)))
-        return real_start(path, *args)
+    def start(requests, *args):
+        events.extend(("read", os.path.basename(path)) for path, _ in requests)
+        return real_start(requests, *args)
 
     def decode(data, *args):
         events.append(("decode", None))
         return real_decode(data, *args)
 
-    monkeypatch.setattr(reader_module, "start_read", start)
+    monkeypatch.setattr(reader_module, "start_reads", start)
     monkeypatch.setattr(reader_module, "decode_image", decode)
     monkeypatch.setattr(reader_module, "decode_jpeg_pixels", lambda *args: None)
     import fastclip
@@ -237,9 +237,9 @@ def test_the_reader_begins_reads_ahead_of_the_image_it_decodes(tmp_path, monkeyp
         "caption of " + os.path.basename(path) for path in paths]
     reads_before = [sum(kind == "read" for kind, _ in events[:i])
                     for i, (kind, _) in enumerate(events) if kind == "decode"]
-    # Two reads (image and caption) per input.
-    assert reads_before[0] == 2 * (reader_module.READ_AHEAD + 1) > 2
-    assert reads_before == [2 * min(n + reader_module.READ_AHEAD + 1, 9) for n in range(9)]
+    # Two reads (image and caption) per input: 8 inputs begun, then 4 more after 4 decodes.
+    assert reader_module.READ_AHEAD == 8
+    assert reads_before == [2 * 8] * 4 + [2 * 9] * 5
 
 
 def test_a_file_larger_than_it_claims_is_bounded(tmp_path):

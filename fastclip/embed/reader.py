@@ -11,6 +11,7 @@ input's failure; a tar shard cut short keeps the complete samples before the dam
 (``shards``).
 """
 
+import itertools
 from collections import deque
 from functools import partial
 
@@ -24,7 +25,7 @@ from ..images import (
     PixelBuffer,
     decode_image,
     decode_jpeg_pixels,
-    start_read,
+    start_reads,
 )
 from ..tokenizer import tokenize
 from ..transform import resized_size
@@ -40,10 +41,11 @@ from .shards import (  # noqa: F401  (iter_webdataset and sample_image: importab
 from .tables import TableRows
 
 # Inputs of a listed chunk whose files are being read while an earlier one is decoded: the
-# timed reads run on the worker's read thread (images.start_read), and a read begun a few
-# inputs ahead is done when its input's turn comes, so the decoding thread neither waits
-# for the read nor for that thread to wake.
-READ_AHEAD = 4
+# timed reads run on the worker's read thread (images.start_reads), begun READ_AHEAD // 2
+# inputs at a time (one wake-up of that thread) whenever no more than that many are left,
+# so that an input's read is done when its turn comes and the decoding thread waits neither
+# for the read nor for the read thread to wake.
+READ_AHEAD = 8
 
 
 def check_resized_size(preprocess, width, height, max_pixels):
@@ -188,9 +190,12 @@ class EmbedDataset(IterableDataset):
 
     def _start_read(self, path):
         """The read of :meth:`_read_path`, begun now (``images.PendingRead``)."""
+        return self._start_reads([path])[0]
+
+    def _start_reads(self, paths):
         remote = partial(storage.read_remote, options=self.storage_options)
-        return start_read(path, self.max_bytes, self.read_timeout,
-                          remote if path is not None and storage.is_url(path) else None)
+        return start_reads([(path, remote if path is not None and storage.is_url(path) else None)
+                            for path in paths], self.max_bytes, self.read_timeout)
 
     def _table_row(self, item, names):
         if self._tables is None:
@@ -224,37 +229,42 @@ class EmbedDataset(IterableDataset):
                              f"{self.max_bytes}-byte limit")
         return value
 
-    def _begin_reads(self, item):
-        """The reads of ``item``'s files that the job needs, begun now: ``({extension:
-        read}, image read or None)``. The sidecars beside a folder's image are the
-        caption's and, for --enable-metadata, the ``.json``; the image is read here unless
-        it is in a table's cell (whose row is read when the item's turn comes)."""
-        if item.error is not None:
-            return {}, None
-        wanted = set()
-        if self.embed_texts and item.text is None:
-            wanted.add(caption_extension(self.caption_key))
-        if self.enable_metadata:
-            wanted.add("json")
-        sidecars = {extension: self._start_read(path) for extension, path in item.sidecars or ()
-                    if extension in wanted}
-        image = (self._start_read(item.image_path)
-                 if self.embed_images and not item.image_cell else None)
-        return sidecars, image
+    def _begin_reads(self, items):
+        """The reads of the files of ``items`` that the job needs, begun now together:
+        ``(item, {extension: read}, image read or None)`` for each. The sidecars beside a
+        folder's image are the caption's and, for --enable-metadata, the ``.json``; the
+        image is read here unless it is in a table's cell (whose row is read when the
+        item's turn comes)."""
+        plans, paths = [], []
+        for item in items:
+            sidecars, image = [], False
+            if item.error is None:
+                wanted = set()
+                if self.embed_texts and item.text is None:
+                    wanted.add(caption_extension(self.caption_key))
+                if self.enable_metadata:
+                    wanted.add("json")
+                sidecars = [(extension, path) for extension, path in item.sidecars or ()
+                            if extension in wanted]
+                image = self.embed_images and not item.image_cell
+            plans.append((item, [extension for extension, _ in sidecars], image))
+            paths.extend(path for _, path in sidecars)
+            if image:
+                paths.append(item.image_path)
+        reads = iter(self._start_reads(paths))
+        return [(item, {extension: next(reads) for extension in extensions},
+                 next(reads) if image else None) for item, extensions, image in plans]
 
     def _listed_samples(self, items):
-        """The samples of ``items`` in order, each one's reads begun ``READ_AHEAD``
-        inputs before its turn."""
+        """The samples of ``items`` in order, with reads begun ahead (``READ_AHEAD``)."""
         items, pending = iter(items), deque()
         while True:
-            for item in items:
-                pending.append((item, self._begin_reads(item)))
-                if len(pending) > READ_AHEAD:
-                    break
+            if len(pending) <= READ_AHEAD // 2:
+                pending.extend(self._begin_reads(
+                    itertools.islice(items, READ_AHEAD - len(pending))))
             if not pending:
                 return
-            item, reads = pending.popleft()
-            yield self._listed_sample(item, *reads)
+            yield self._listed_sample(*pending.popleft())
 
     def _listed_sample(self, item, sidecar_reads, image_read):
         if item.error is not None:
