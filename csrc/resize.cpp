@@ -128,6 +128,40 @@ void filter_avx512(const uint8_t* s, int64_t step, const int32_t* w, int taps,
 }
 #endif
 
+#if FASTCLIP_X86
+// The horizontal pass's block for 16 rows of packed RGB pixels, four pixels at a time:
+// column x of out (`column` bytes apart) gets the 3 bytes of pixel x of each row in turn.
+// Each row's 4 pixels become 4 words, 4 rows of them are transposed as words, and each
+// column's 4 pixels are stored as 16 bytes whose last 4 the next rows' store overwrites (the
+// last rows' land in the column's spare bytes, so `column` must be at least 52). Columns
+// [0, count) are filled, count a multiple of 4; the loads read 16 bytes from 3 x, so each
+// row must hold 3 count + 4 readable bytes.
+FASTCLIP_TARGET("avx2")
+void transpose_rgb16(const uint8_t* const rows[16], int64_t count, uint8_t* out,
+                     int64_t column) {
+  const __m128i expand = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  const __m128i compact =
+      _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+  for (int64_t x = 0; x < count; x += 4) {
+    uint8_t* dst = out + x * column;
+    for (int g = 0; g < 4; ++g) {
+      __m128i r[4];
+      for (int i = 0; i < 4; ++i)
+        r[i] = _mm_shuffle_epi8(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[4 * g + i] + 3 * x)),
+            expand);
+      const __m128i t0 = _mm_unpacklo_epi32(r[0], r[1]), t1 = _mm_unpackhi_epi32(r[0], r[1]);
+      const __m128i t2 = _mm_unpacklo_epi32(r[2], r[3]), t3 = _mm_unpackhi_epi32(r[2], r[3]);
+      const __m128i k[4] = {_mm_unpacklo_epi64(t0, t2), _mm_unpackhi_epi64(t0, t2),
+                            _mm_unpacklo_epi64(t1, t3), _mm_unpackhi_epi64(t1, t3)};
+      for (int i = 0; i < 4; ++i)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i * column + 12 * g),
+                         _mm_shuffle_epi8(k[i], compact));
+    }
+  }
+}
+#endif
+
 // Memory for one image's intermediate bytes, kept per thread from one image to the next
 // (fresh memory costs a page fault per page, every image). The bytes the kernels read
 // without having written them (a row's padding, a block's rows past the image's last) only
@@ -165,9 +199,8 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
     }
     return;
   }
-  // A block column is kLanes bytes and one spare, which the 4-byte copies below may spill
-  // into.
-  constexpr int kRows = 16, kLanes = kRows * C, kColumn = kLanes + 1;
+  // A block column is kLanes bytes and 4 spare, which the copies below may spill into.
+  constexpr int kRows = 16, kLanes = kRows * C, kColumn = kLanes + 4;
   const int64_t span = p.in_col1 - p.in_col0, ksize = p.h.ksize;
   std::vector<uint8_t>& block = scratch(1, span * kColumn + 4);
   for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
@@ -185,8 +218,20 @@ FASTCLIP_INLINE void horizontal_pass(const Plan& p, const Pixels& in, uint8_t* t
       // written again after. The last column is read exactly, since the byte after an
       // image row's last pixel may lie past the image.
       const uint8_t* rows[kRows];
-      for (int64_t r = 0; r < nr; ++r) rows[r] = first + r * sy;
-      for (int64_t x = 0; x + 1 < span; ++x) {
+      for (int64_t r = 0; r < kRows; ++r) rows[r] = first + std::min<int64_t>(r, nr - 1) * sy;
+      int64_t x = 0;
+#if FASTCLIP_X86
+      if constexpr (L != Level::kPortable) {
+        // Packed pixels: groups of 4 by transposes, as far as the rows' loads stay within
+        // each image row (3 more bytes after the group's 12, and one more pixel).
+        if (sx == 3) {
+          const int64_t readable = p.width - p.in_col0;
+          x = std::max<int64_t>(std::min(span - 1, readable - 2), 0) / 4 * 4;
+          transpose_rgb16(rows, x, out, kColumn);
+        }
+      }
+#endif
+      for (; x + 1 < span; ++x) {
         uint8_t* column = out + x * kColumn;
         const int64_t at = x * sx;
         for (int64_t r = 0; r < nr; ++r) std::memcpy(column + r * C, rows[r] + at, 4);
