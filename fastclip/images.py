@@ -7,9 +7,9 @@ images are size-checked from their header before any pixel is decoded, and files
 size-checked before they are read.
 """
 
+import collections
 import io
 import os
-import queue
 import stat
 import threading
 import warnings
@@ -85,18 +85,20 @@ def start_reads(requests, max_bytes=DEFAULT_MAX_BYTES, timeout=None):
     worker together (one wake-up of its thread), to run in this order."""
     reads = [PendingRead(path, max_bytes, timeout, read or _read_file)
              for path, read in requests]
-    queued = [read for read in reads if read._state == "queued" and read._outcome is None
-              and timeout is not None]
+    queued = [read for read in reads if read._outcome is None and timeout is not None]
     if queued:
         _ReadWorker.submit(queued)
     return reads
 
 
 class PendingRead:
-    """One read of :func:`start_read`. ``result()`` gives its bytes or raises its
-    :class:`InputError`; the caller waits at most ``timeout`` seconds in it (a read begun
-    early has had that head start too), and a read still running then is stalled: its
-    worker is left to it, and the reads queued behind it go to a fresh worker."""
+    """One read of :func:`start_reads`. ``result()`` gives its bytes or raises its
+    :class:`InputError`, waiting at most ``timeout`` seconds for a read that has begun (a read
+    begun early has had that head start too). A read still running then is stalled: its
+    worker is left to it, and the reads queued behind it go, in order, to a fresh worker. A
+    read still queued then waits behind another that blocks its worker: that one is counted
+    as stalled, and this read moves to a fresh worker and gets its timeout once more.
+    ``discard()`` says that the bytes will not be asked for."""
 
     __slots__ = ("path", "max_bytes", "timeout", "_read_bytes", "_outcome", "_state", "_worker",
                  "_done")
@@ -105,17 +107,15 @@ class PendingRead:
         self.path, self.max_bytes, self.timeout = path, max_bytes, timeout
         self._read_bytes = read_bytes
         self._outcome = None  # (True, bytes) or (False, exception), once known
-        # "queued", then "running" and "done"; "stalled" while it blocks past its timeout,
-        # "cancelled" if its timeout passed before it began.
+        # "queued", then "running" and "done"; "stalled" from when it is given up on while
+        # it runs until it returns; "cancelled" if it will never run.
         self._state = "queued"
         self._worker = None
         if path is None:
             self._outcome = (False, InputError("no image path (an empty cell in the table)"))
         elif timeout is not None:
             if _STALLED["count"] >= MAX_STALLED_READS:
-                self._outcome = (False, InputError(
-                    f"not read: {_STALLED['count']} earlier reads of this process are still "
-                    "stalled, so the storage is not answering"))
+                self._outcome = (False, _storage_not_answering())
             else:
                 # Held until the read is done (a lock is cheaper to make than an Event);
                 # start_reads hands the read to a worker.
@@ -123,32 +123,63 @@ class PendingRead:
                 self._done.acquire()
 
     def result(self):
-        if self._outcome is None and self.timeout is None:
-            self._outcome = self._attempt()
-        elif self._outcome is None:
-            with _STALLED_LOCK:  # queued on a worker left to a stalled read: move it
-                move = self._state == "queued" and self._worker.retired
-            if move:
-                _ReadWorker.submit([self])
-            if self._done.acquire(timeout=self.timeout):
-                self._done.release()
-            with _STALLED_LOCK:
-                state = self._state
-                if state == "running":  # it blocks its thread: counted until it returns
-                    self._state = "stalled"
-                    _STALLED["count"] += 1
-                elif state == "queued":  # never begun: the worker is blocked by another read
-                    self._state = "cancelled"
-            if state != "done":
-                self._worker.abandon()  # blocked: later reads get a fresh worker
-                self._outcome = (False, InputError(
-                    f"the read did not finish within {self.timeout:g} s (a stalled mount?)"
-                    if state == "running" else f"the read did not begin within "
-                    f"{self.timeout:g} s: an earlier read of this process is stalled"))
+        if self._outcome is None:
+            if self.timeout is None:
+                self._outcome = self._attempt()
+            else:
+                self._wait()
         ok, value = self._outcome
         if not ok:
             raise value
         return value
+
+    def discard(self):
+        """The caller will not ask for the bytes: a read not yet begun never runs."""
+        with _STALLED_LOCK:
+            if self._state == "queued":
+                self._state = "cancelled"
+                if self._outcome is None:
+                    self._outcome = (False, InputError("not read: discarded"))
+
+    def _wait(self):
+        timeout = max(self.timeout, 0)
+        for attempt in range(2):
+            with _STALLED_LOCK:
+                if self._state == "queued" and _STALLED["count"] >= MAX_STALLED_READS:
+                    self._cancel(_storage_not_answering())  # no more waits behind stalls
+                    return
+            if self._done.acquire(timeout=timeout):
+                self._done.release()
+            with _STALLED_LOCK:
+                worker = self._worker
+                if self._outcome is None and self._state == "running":
+                    self._stall()
+                elif self._outcome is None and self._state == "queued":
+                    # Behind a read that blocks the worker (begun ahead, or given up on by
+                    # no caller yet): that read is the stalled one.
+                    blocker = worker.current
+                    if blocker is not None and blocker._state == "running":
+                        blocker._stall()
+                    if attempt == 1:
+                        self._cancel(InputError(
+                            f"the read did not begin within {self.timeout:g} s: earlier "
+                            "reads of this process are stalled"))
+            if self._outcome is not None and self._state != "stalled" and \
+                    self._state != "cancelled":
+                return  # done in time
+            worker.abandon()  # blocked: its queued reads go to a fresh worker
+            if self._outcome is not None:
+                return
+
+    def _stall(self):  # under _STALLED_LOCK: a running read given up on
+        self._state = "stalled"
+        _STALLED["count"] += 1
+        self._outcome = (False, InputError(
+            f"the read did not finish within {self.timeout:g} s (a stalled mount?)"))
+
+    def _cancel(self, error):  # under _STALLED_LOCK: a queued read that will never run
+        self._state = "cancelled"
+        self._outcome = (False, error)
 
     def _attempt(self):
         try:
@@ -157,34 +188,43 @@ class PendingRead:
             return False, error
 
     def run_on(self, worker):
-        """Run the read on ``worker``'s thread, unless it has moved to another worker."""
+        """Run the read on ``worker``'s thread, unless it has moved or been cancelled."""
         with _STALLED_LOCK:
             if self._state != "queued" or self._worker is not worker:
                 return
             self._state = "running"
+            worker.current = self
         outcome = self._attempt()
         with _STALLED_LOCK:
+            worker.current = None
             if self._state == "stalled":
                 _STALLED["count"] -= 1  # it came back: no longer blocking a thread
             else:
-                self._outcome = outcome  # not yet given up on: result() hands it over
+                self._outcome = outcome
             self._state = "done"
         self._done.release()
 
 
+def _storage_not_answering():
+    return InputError(f"not read: {_STALLED['count']} earlier reads of this process are "
+                      "still stalled, so the storage is not answering")
+
+
 class _ReadWorker:
     """The thread that runs one calling thread's timed reads in the order they were begun,
-    used again from read to read rather than started for each. A worker left with a stalled
-    read ends once that read returns; an idle one ends after a few seconds (its caller then
-    gets a new one). A process forked from the caller starts its own."""
+    used again from read to read rather than started for each. A worker blocked by a stalled
+    read is abandoned: it ends once that read returns, and the reads still queued on it move
+    to the caller's next worker. An idle one ends after a few seconds (its caller then gets a
+    new one). A process forked from the caller starts its own."""
 
     _local = threading.local()
     IDLE_SECONDS = 5
 
     def __init__(self):
-        self._jobs = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._wake = threading.Condition(threading.Lock())  # guards _pending and retired
+        self._pending = collections.deque()
         self.retired = False
+        self.current = None  # the read running now (under _STALLED_LOCK)
         self._pid = os.getpid()
         self.thread = threading.Thread(target=self._loop, name="fastclip-read", daemon=True)
         self.thread.start()
@@ -197,42 +237,49 @@ class _ReadWorker:
             worker = getattr(cls._local, "worker", None)
             if worker is None or worker._pid != os.getpid():  # a forked child has no thread
                 worker = cls._local.worker = cls()
-            with worker._lock:
+            with worker._wake:
                 if not worker.retired:
                     with _STALLED_LOCK:
                         for read in reads:
                             read._worker = worker
-                    worker._jobs.put(reads)
+                    worker._pending.extend(reads)
+                    worker._wake.notify()
                     return
             cls._local.worker = None  # it ended while idle
 
     def abandon(self):
-        """Leave this worker to a stalled read: it ends when the read returns, and the reads
-        queued on it are moved by their callers."""
+        """Leave this worker to the read that blocks it; the reads queued on it go, in
+        order, to a fresh worker of the calling thread (or fail at once, past
+        MAX_STALLED_READS)."""
         if getattr(self._local, "worker", None) is self:
             self._local.worker = None
-        with self._lock:
+        with self._wake:
+            if self.retired:
+                return
             self.retired = True
-            self._jobs.put(None)
+            queued = list(self._pending)
+            self._pending.clear()
+            self._wake.notify()  # an idle thread ends now
+        with _STALLED_LOCK:
+            moving = [read for read in queued if read._state == "queued"]
+            if _STALLED["count"] >= MAX_STALLED_READS:
+                for read in moving:
+                    read._cancel(_storage_not_answering())
+                moving = []
+        if moving:
+            _ReadWorker.submit(moving)
 
     def _loop(self):
         while True:
-            try:
-                reads = self._jobs.get(timeout=self.IDLE_SECONDS)
-            except queue.Empty:
-                with self._lock:
-                    if self._jobs.empty():
+            with self._wake:
+                while not self._pending and not self.retired:
+                    if not self._wake.wait(self.IDLE_SECONDS) and not self._pending:
                         self.retired = True
-                        return
-                continue
-            if reads is None:
-                return
-            for read in reads:
                 if self.retired:
-                    # Left to a stalled read that has now returned: the reads still queued
-                    # here are moved to the caller's new worker when they are needed.
-                    break
-                read.run_on(self)
+                    return
+                read = self._pending.popleft()
+            read.run_on(self)
+            del read  # its bytes are the caller's now: not kept alive while idle
 
 
 def _forget_stalled_reads():

@@ -151,8 +151,7 @@ def wait_for_no_stalled_reads(images_module):
 def test_reads_queued_behind_a_stalled_one_are_read_by_a_fresh_worker(monkeypatch, tmp_path):
     """Reads begun ahead (the embed reader's read-ahead) share one worker: when the first
     stalls, it is the only failure, and the reads queued behind it are moved to a new worker
-    and read; a read whose turn comes before the stalled one's fails as not begun, without
-    counting as one more stalled read."""
+    and read."""
     import threading
 
     from fastclip import images as images_module
@@ -175,17 +174,138 @@ def test_reads_queued_behind_a_stalled_one_are_read_by_a_fresh_worker(monkeypatc
         assert images_module._STALLED["count"] == 1
         assert [r.result() for r in rest] == [b"b" * 10, b"c" * 10, b"d" * 10]
 
+        # A read whose turn comes while one begun before it (whose bytes no one asked for
+        # yet) blocks the worker: the blocking one is counted as stalled, and this one moves
+        # to a fresh worker and is read.
         blocked = images_module.start_read(str(paths[0]), timeout=0.2)
         behind = images_module.start_read(str(paths[1]), timeout=0.2)
-        with pytest.raises(images_module.InputError, match="did not begin within 0.2 s"):
-            behind.result()  # its turn before the stalled read's
-        assert images_module._STALLED["count"] == 1
-        with pytest.raises(images_module.InputError, match="did not finish within"):
-            blocked.result()
+        assert behind.result() == b"b" * 10
+        assert images_module._STALLED["count"] == 2
+        with pytest.raises(images_module.InputError, match="did not finish within 0.2 s"):
+            blocked.result()  # at once: it was given up on already
         assert images_module._STALLED["count"] == 2
         assert images_module.read_file(str(paths[2]), timeout=5) == b"c" * 10
     finally:
         stalled.set()
+    assert wait_for_no_stalled_reads(images_module)
+
+
+def test_a_discarded_read_is_not_begun_and_one_that_blocks_is_counted(monkeypatch, tmp_path):
+    import threading
+
+    from fastclip import images as images_module
+    started, stalled = threading.Event(), threading.Event()
+    calls, real_read = [], images_module._read_file
+
+    def read(path, max_bytes):
+        calls.append(os.path.basename(path))
+        if path.endswith("stall.bin"):
+            started.set()
+            stalled.wait()
+        return real_read(path, max_bytes)
+
+    for name in ("stall", "b", "c"):
+        (tmp_path / f"{name}.bin").write_bytes(name.encode())
+    monkeypatch.setattr(images_module, "_read_file", read)
+    try:
+        gate = threading.Event()
+        first = images_module.start_reads([(str(tmp_path / "gate"), lambda p, m: gate.wait())],
+                                          timeout=5)[0]
+        skipped, blocking, wanted = images_module.start_reads(
+            [(str(tmp_path / name), None) for name in ("b.bin", "stall.bin", "c.bin")],
+            timeout=0.2)
+        skipped.discard()  # queued behind the gate: it never runs
+        gate.set()
+        assert first.result() is True
+        assert started.wait(5)
+        blocking.discard()  # running: it cannot be called back
+        assert wanted.result() == b"c"  # after 0.2 s behind the blocking read, on a new worker
+        assert calls == ["stall.bin", "c.bin"]
+        assert images_module._STALLED["count"] == 1
+    finally:
+        stalled.set()
+    assert wait_for_no_stalled_reads(images_module)
+
+
+@pytest.mark.parametrize("caption_first", [False, True])
+def test_a_stalled_read_fails_only_its_own_input_with_reads_ahead(tmp_path, monkeypatch,
+                                                                caption_first):
+    """The embed reader with its reads begun ahead: a stalled image fails its input alone,
+    also where it stalls unasked-for (its input failed first, for want of a caption), and the
+    inputs read after it keep their rows, their reads moved to a fresh worker ahead of reads
+    begun later (each read takes 80 ms, so reads queued behind later ones would time out)."""
+    import threading
+    import time
+
+    from fastclip import images as images_module
+    from fastclip.embed import reader as reader_module
+    from fastclip.embed.plan import plan_job
+
+    from embed_helpers import image_bytes
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.jpg").write_bytes(image_bytes(i))
+        if i != 0 or not caption_first:
+            (folder / f"{i:02d}.txt").write_text(f"caption {i}")
+    stalled, real_read = threading.Event(), images_module._read_file
+
+    def read(path, max_bytes):
+        if path.endswith("00.jpg"):
+            stalled.wait()
+        time.sleep(0.08)
+        return real_read(path, max_bytes)
+
+    monkeypatch.setattr(images_module, "_read_file", read)
+    import fastclip
+    plan = plan_job(images=[str(folder)])
+    try:
+        batches = list(reader_module.EmbedDataset(plan.chunks, fastclip.Preprocess(32), 32,
+                                                  True, True, read_timeout=0.5))
+    finally:
+        stalled.set()
+    rows = [row["image_path"] for batch in batches for row in batch["rows"]]
+    failures = {os.path.basename(f["key"]): f["reason"] for batch in batches
+                for f in batch["failures"]}
+    assert rows == [str(folder / f"{i:02d}.jpg") for i in range(1, 12)]
+    assert list(failures) == ["00.jpg"]
+    assert ("no text" if caption_first else "did not finish within 0.5 s") in failures["00.jpg"]
+    assert wait_for_no_stalled_reads(images_module)
+
+
+def test_reads_begun_ahead_stop_waiting_once_too_many_have_stalled(tmp_path, monkeypatch):
+    """Every read stalls: MAX_STALLED_READS of them wait out their timeout, the rest (begun
+    ahead or not) fail at once."""
+    import threading
+    import time
+
+    from fastclip import images as images_module
+    from fastclip.embed import reader as reader_module
+    from fastclip.embed.plan import plan_job
+
+    from embed_helpers import image_bytes
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"{i:02d}.jpg").write_bytes(image_bytes(i))
+    stalled = threading.Event()
+    monkeypatch.setattr(images_module, "_read_file", lambda p, m: stalled.wait())
+    import fastclip
+    plan = plan_job(images=[str(folder)])
+    start = time.perf_counter()
+    try:
+        batches = list(reader_module.EmbedDataset(plan.chunks, fastclip.Preprocess(32), 64,
+                                                  True, False, read_timeout=0.1))
+    finally:
+        stalled.set()
+    elapsed = time.perf_counter() - start
+    reasons = [f["reason"] for batch in batches for f in batch["failures"]]
+    assert len(reasons) == 30
+    limit = images_module.MAX_STALLED_READS
+    assert sum("did not finish within 0.1 s" in r for r in reasons) == limit
+    assert sum("still stalled, so the storage is not answering" in r for r in reasons) == \
+        30 - limit
+    assert elapsed < (limit + 3) * 0.1 + 1
     assert wait_for_no_stalled_reads(images_module)
 
 

@@ -258,13 +258,19 @@ class EmbedDataset(IterableDataset):
     def _listed_samples(self, items):
         """The samples of ``items`` in order, with reads begun ahead (``READ_AHEAD``)."""
         items, pending = iter(items), deque()
-        while True:
-            if len(pending) <= READ_AHEAD // 2:
-                pending.extend(self._begin_reads(
-                    itertools.islice(items, READ_AHEAD - len(pending))))
-            if not pending:
-                return
-            yield self._listed_sample(*pending.popleft())
+        try:
+            while True:
+                if len(pending) <= READ_AHEAD // 2:
+                    pending.extend(self._begin_reads(
+                        itertools.islice(items, READ_AHEAD - len(pending))))
+                if not pending:
+                    return
+                yield self._listed_sample(*pending.popleft())
+        finally:  # closed early: the reads not yet begun never are
+            for _, sidecar_reads, image_read in pending:
+                for read in [*sidecar_reads.values(), image_read]:
+                    if read is not None:
+                        read.discard()
 
     def _listed_sample(self, item, sidecar_reads, image_read):
         if item.error is not None:
@@ -295,7 +301,10 @@ class EmbedDataset(IterableDataset):
         else:
             read = image_read.result if image_read is not None else \
                 partial(self._read_path, item.image_path)
-        return self._sample(item.key, item.image_path, text, read, extra)
+        sample = self._sample(item.key, item.image_path, text, read, extra)
+        if image_read is not None:
+            image_read.discard()  # not asked for where the sample failed first
+        return sample
 
     def _samples(self, chunk):
         """``(row, image tensor, failure reason)`` for each sample of a tar shard."""
