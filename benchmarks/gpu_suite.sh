@@ -7,7 +7,8 @@
 #
 # The folder gets at most 8 files (what a device call brings back): suite.log (every step's
 # output), summary.json (the machine, and each step's exit status and seconds),
-# gpu_tests.xml, models_gpu.json and kernels_gpu.json (pytest-benchmark), and
+# gpu_tests.xml, decode_gpu.json (how far nvjpeg's decode is from PIL's:
+# decode_difference.py), models_gpu.json and kernels_gpu.json (pytest-benchmark), and
 # performance_gpu.md and .png (render_results.py).
 #
 # Environment:
@@ -89,6 +90,13 @@ if [[ $DRY_RUN == 1 ]]; then
 else
     run_step gpu_tests 120 $((KERNELS_S + RENDER_S)) "$PYTHON" -m pytest -m gpu tests -q \
         -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+fi
+if [[ $DRY_RUN == 1 ]]; then
+    run_step decode 30 $((KERNELS_S + RENDER_S)) "$PYTHON" benchmarks/decode_difference.py \
+        --device cpu --images 1 --output "$OUT/decode_gpu.json"
+else
+    run_step decode 30 $((KERNELS_S + RENDER_S)) "$PYTHON" benchmarks/decode_difference.py \
+        --device cuda --output "$OUT/decode_gpu.json"
 fi
 run_step kernels $KERNELS_S $RENDER_S "$PYTHON" -m pytest benchmarks/bench_kernels.py -q \
     -p no:cacheprovider --benchmark-json="$OUT/kernels_gpu.json"

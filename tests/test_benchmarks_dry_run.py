@@ -13,7 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(REPO, "benchmarks", "gpu_suite.sh")
-STEPS = ["wheels", "build", "check", "gpu_tests", "kernels", "models", "render"]
+STEPS = ["wheels", "build", "check", "gpu_tests", "decode", "kernels", "models", "render"]
 
 
 def run_suite(out, **env):
@@ -68,6 +68,17 @@ def test_rendered_table_and_plot(dry_run):
             assert f"| {contender} |" in table
     with open(dry_run / "performance_gpu.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decode_difference_is_measured(dry_run):
+    """decode_gpu.json: torchvision's decode against PIL's per case (on the CPU both are
+    libjpeg's, so the dry run finds them equal)."""
+    report = json.loads(read(dry_run / "decode_gpu.json"))
+    if "skipped" in report:
+        pytest.skip(report["skipped"])
+    assert report["device"] == "cpu" and len(report["cases"]) == 21
+    assert {case["subsampling"] for case in report["cases"]} == {"4:4:4", "4:2:2", "4:2:0"}
+    assert report["largest_difference"] == 0 and report["share_differing"] == 0
 
 
 def test_output_fits_what_a_device_call_brings_back(dry_run):
