@@ -12,6 +12,7 @@ import io
 import os
 import stat
 import threading
+import time
 import warnings
 
 # The plugins of ALLOWED_FORMATS are imported, so that PIL registers them (and only them).
@@ -93,15 +94,15 @@ def start_reads(requests, max_bytes=DEFAULT_MAX_BYTES, timeout=None):
 
 class PendingRead:
     """One read of :func:`start_reads`. ``result()`` gives its bytes or raises its
-    :class:`InputError`, waiting at most ``timeout`` seconds for a read that has begun (a read
-    begun early has had that head start too). A read still running then is stalled: its
-    worker is left to it, and the reads queued behind it go, in order, to a fresh worker. A
-    read still queued then waits behind another that blocks its worker: that one is counted
-    as stalled, and this read moves to a fresh worker and gets its timeout once more.
-    ``discard()`` says that the bytes will not be asked for."""
+    :class:`InputError`. A read is given up on once it has run for ``timeout`` seconds (a
+    read begun early has had that head start): it is stalled, its worker is left to it, and
+    the reads queued behind it go, in order, to a fresh worker. A read still queued after its
+    caller has waited ``timeout`` waits behind another that blocks its worker: that one is
+    stalled once it has run for ``timeout``, and this read moves to a fresh worker and is
+    waited for once more. ``discard()`` says that the bytes will not be asked for."""
 
     __slots__ = ("path", "max_bytes", "timeout", "_read_bytes", "_outcome", "_state", "_worker",
-                 "_done")
+                 "_done", "_started")
 
     def __init__(self, path, max_bytes, timeout, read_bytes):
         self.path, self.max_bytes, self.timeout = path, max_bytes, timeout
@@ -148,22 +149,30 @@ class PendingRead:
                 if self._state == "queued" and _STALLED["count"] >= MAX_STALLED_READS:
                     self._cancel(_storage_not_answering())  # no more waits behind stalls
                     return
-            if self._done.acquire(timeout=timeout):
-                self._done.release()
-            with _STALLED_LOCK:
-                worker = self._worker
-                if self._outcome is None and self._state == "running":
-                    self._stall()
-                elif self._outcome is None and self._state == "queued":
-                    # Behind a read that blocks the worker (begun ahead, or given up on by
-                    # no caller yet): that read is the stalled one.
-                    blocker = worker.current
+            deadline = time.monotonic() + timeout
+            while True:
+                if self._done.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                    self._done.release()
+                with _STALLED_LOCK:
+                    worker, blocker = self._worker, None
+                    if self._outcome is None and self._state == "running":
+                        blocker = self
+                    elif self._outcome is None and self._state == "queued":
+                        # Behind a read that blocks the worker (begun ahead, or given up on
+                        # by no caller yet): that read is the stalled one.
+                        blocker = worker.current
+                    # A read is given up on once it has run for the whole timeout.
+                    if blocker is not None and blocker._state == "running" and \
+                            time.monotonic() < blocker._started + timeout:
+                        deadline = blocker._started + timeout
+                        continue
                     if blocker is not None and blocker._state == "running":
                         blocker._stall()
-                    if attempt == 1:
+                    if self._outcome is None and attempt == 1:
                         self._cancel(InputError(
                             f"the read did not begin within {self.timeout:g} s: earlier "
                             "reads of this process are stalled"))
+                    break
             if self._outcome is not None and self._state != "stalled" and \
                     self._state != "cancelled":
                 return  # done in time
@@ -193,6 +202,7 @@ class PendingRead:
             if self._state != "queued" or self._worker is not worker:
                 return
             self._state = "running"
+            self._started = time.monotonic()
             worker.current = self
         outcome = self._attempt()
         with _STALLED_LOCK:

@@ -227,6 +227,31 @@ def test_a_discarded_read_is_not_begun_and_one_that_blocks_is_counted(monkeypatc
     assert wait_for_no_stalled_reads(images_module)
 
 
+def test_a_read_begun_late_gets_its_whole_timeout(monkeypatch, tmp_path):
+    """A read queued behind a slow one that no caller asked for: it is given up on only
+    once it has itself run for the timeout, not when its caller has waited that long."""
+    import threading
+    import time
+
+    from fastclip import images as images_module
+    delays, started = {"slow.bin": 0.25, "next.bin": 0.1}, threading.Event()
+
+    def read(path, max_bytes):
+        started.set()
+        time.sleep(delays[os.path.basename(path)])
+        return os.path.basename(path).encode()
+
+    monkeypatch.setattr(images_module, "_read_file", read)
+    start = time.perf_counter()
+    slow, following = images_module.start_reads(
+        [(str(tmp_path / "slow.bin"), None), (str(tmp_path / "next.bin"), None)], timeout=0.3)
+    assert started.wait(5)
+    slow.discard()  # running already: it goes on
+    assert following.result() == b"next.bin"  # begun at 0.25 s, done at 0.35 s
+    assert 0.3 < time.perf_counter() - start < 2
+    assert images_module._STALLED["count"] == 0
+
+
 @pytest.mark.parametrize("caption_first", [False, True])
 def test_a_stalled_read_fails_only_its_own_input_with_reads_ahead(tmp_path, monkeypatch,
                                                                 caption_first):
