@@ -129,6 +129,37 @@ void filter_avx512(const uint8_t* s, int64_t step, const int32_t* w, int taps,
 #endif
 
 #if FASTCLIP_X86
+// write_pixels for RGB bytes into fp32 rows (each channel's row contiguous), 16 pixels at a
+// time: the bytes of each channel picked out of 48 and looked up in the table by gathers.
+// Returns the first pixel left to the plain loop.
+FASTCLIP_TARGET("avx512f,avx512bw")
+int64_t write_rgb_avx512(const uint8_t* src, const uint32_t* table, uint32_t* o0, uint32_t* o1,
+                         uint32_t* o2, int64_t x0, int64_t x1) {
+  // masks[c][v]: the bytes of channel c among the 16 pixels' 48 that lie in load v.
+  alignas(16) int8_t masks[3][3][16];
+  for (int c = 0; c < 3; ++c)
+    for (int v = 0; v < 3; ++v)
+      for (int i = 0; i < 16; ++i)
+        masks[c][v][i] = (3 * i + c) / 16 == v ? static_cast<int8_t>((3 * i + c) % 16) : -1;
+  uint32_t* outs[3] = {o0, o1, o2};
+  int64_t x = x0;
+  for (; x + 16 <= x1; x += 16, src += 48) {
+    const __m128i bytes[3] = {_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)),
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16)),
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32))};
+    for (int c = 0; c < 3; ++c) {
+      __m128i channel = _mm_setzero_si128();
+      for (int v = 0; v < 3; ++v)
+        channel = _mm_or_si128(channel, _mm_shuffle_epi8(
+            bytes[v], _mm_load_si128(reinterpret_cast<const __m128i*>(masks[c][v]))));
+      const __m512i values = _mm512_i32gather_epi32(_mm512_cvtepu8_epi32(channel),
+                                                    table + 256 * c, 4);
+      _mm512_storeu_si512(outs[c] + x, values);
+    }
+  }
+  return x;
+}
+
 // The horizontal pass's block for 16 rows of packed RGB pixels, four pixels at a time:
 // column x of out (`column` bytes apart) gets the 3 bytes of pixel x of each row in turn.
 // Each row's 4 pixels become 4 words, 4 rows of them are transposed as words, and each
@@ -379,10 +410,21 @@ FASTCLIP_INLINE void vertical_and_write(const Plan& p, const uint8_t* temp, cons
     } else {
       src = temp + (yy - p.in_row0) * stride;
     }
+    int64_t first = x0;
+#if FASTCLIP_X86
+    if constexpr (L == Level::kAvx512 && C == 3 && sizeof(T) == 4) {
+      if (!p.premultiplied && so[2] == 1)
+        first = write_rgb_avx512(src, reinterpret_cast<const uint32_t*>(table),
+                                 reinterpret_cast<uint32_t*>(o[0]),
+                                 reinterpret_cast<uint32_t*>(o[1]),
+                                 reinterpret_cast<uint32_t*>(o[2]), x0, x1);
+    }
+#endif
+    src += (first - x0) * C;
     if (p.premultiplied)
-      write_pixels<C, true>(src, table, o[0], o[1], o[2], x0, x1, so[2]);
+      write_pixels<C, true>(src, table, o[0], o[1], o[2], first, x1, so[2]);
     else
-      write_pixels<C, false>(src, table, o[0], o[1], o[2], x0, x1, so[2]);
+      write_pixels<C, false>(src, table, o[0], o[1], o[2], first, x1, so[2]);
   }
 }
 
