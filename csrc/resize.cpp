@@ -3,7 +3,9 @@
 //
 // The CPU kernels are plain loops over fixed lane counts, compiled three times: for AVX-512,
 // for AVX2 and for any x86-64 (or any other CPU), and chosen at run time by what the CPU
-// supports. Everything is integer arithmetic, so the three give the same bytes.
+// supports. In the AVX-512 and AVX2 builds the filters' sums, the block transposes and (for
+// AVX-512) the fp32 table lookups are intrinsics. Everything is integer arithmetic or a
+// copy, so the three give the same bytes (tests/test_preprocess_op.py compares them).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
