@@ -131,18 +131,30 @@ void filter_avx512(const uint8_t* s, int64_t step, const int32_t* w, int taps,
 #endif
 
 #if FASTCLIP_X86
+// masks[c][v]: the bytes of channel c of 16 RGB pixels (48 bytes) that lie in their 16-byte
+// load v, as shuffle indices (-1 elsewhere).
+struct RgbMasks {
+  alignas(16) int8_t masks[3][3][16];
+};
+
+constexpr RgbMasks rgb_masks() {
+  RgbMasks m{};
+  for (int c = 0; c < 3; ++c)
+    for (int v = 0; v < 3; ++v)
+      for (int i = 0; i < 16; ++i)
+        m.masks[c][v][i] = (3 * i + c) / 16 == v ? static_cast<int8_t>((3 * i + c) % 16) : -1;
+  return m;
+}
+
+constexpr RgbMasks kRgbMasks = rgb_masks();
+
 // write_pixels for RGB bytes into fp32 rows (each channel's row contiguous), 16 pixels at a
 // time: the bytes of each channel picked out of 48 and looked up in the table by gathers.
 // Returns the first pixel left to the plain loop.
 FASTCLIP_TARGET("avx512f,avx512bw")
 int64_t write_rgb_avx512(const uint8_t* src, const uint32_t* table, uint32_t* o0, uint32_t* o1,
                          uint32_t* o2, int64_t x0, int64_t x1) {
-  // masks[c][v]: the bytes of channel c among the 16 pixels' 48 that lie in load v.
-  alignas(16) int8_t masks[3][3][16];
-  for (int c = 0; c < 3; ++c)
-    for (int v = 0; v < 3; ++v)
-      for (int i = 0; i < 16; ++i)
-        masks[c][v][i] = (3 * i + c) / 16 == v ? static_cast<int8_t>((3 * i + c) % 16) : -1;
+  const auto& masks = kRgbMasks.masks;
   uint32_t* outs[3] = {o0, o1, o2};
   int64_t x = x0;
   for (; x + 16 <= x1; x += 16, src += 48) {

@@ -186,13 +186,10 @@ class EmbedDataset(IterableDataset):
 
     def _read_path(self, path):
         """The bytes of a local file or of a URL's object, within the read timeout."""
-        return self._start_read(path).result()
-
-    def _start_read(self, path):
-        """The read of :meth:`_read_path`, begun now (``images.PendingRead``)."""
-        return self._start_reads([path])[0]
+        return self._start_reads([path])[0].result()
 
     def _start_reads(self, paths):
+        """The reads of ``paths``, begun now together (``images.PendingRead``)."""
         remote = partial(storage.read_remote, options=self.storage_options)
         return start_reads([(path, remote if path is not None and storage.is_url(path) else None)
                             for path in paths], self.max_bytes, self.read_timeout)
