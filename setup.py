@@ -21,7 +21,7 @@ from setuptools import setup
 SOURCES = ["csrc/attention_pool.cpp", "csrc/bpe.cpp", "csrc/resize.cpp"]
 CUDA_SOURCES = ["csrc/attention_pool_cuda.cu", "csrc/resize_cuda.cu"]
 # Rebuild when they change; ship them in source archives.
-HEADERS = ["csrc/attention_pool.h", "csrc/resize.h", "csrc/resize_op.h"]
+HEADERS = ["csrc/attention_pool.h", "csrc/resize.h", "csrc/resize_kernels.h", "csrc/resize_op.h"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # A100 and H100/H200 natively, newer GPUs through PTX
 
 

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "resize.h"
+#include "resize_kernels.h"
 #include "resize_op.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -495,9 +496,32 @@ void run_avx512(const Plan& p, const Pixels& in, const void* table, void* out,
 }
 #endif
 
+// run_kernels on the host: the CUDA kernels' element code in loops (the "cuda-on-cpu"
+// variant, for tests of that code on machines without a GPU).
+struct HostKernels {
+  at::Tensor upload(const std::vector<int32_t>& host) const {
+    at::Tensor values = at::empty({static_cast<int64_t>(host.size())}, at::kInt);
+    std::memcpy(values.data_ptr<int32_t>(), host.data(), host.size() * sizeof(int32_t));
+    return values;
+  }
+
+  void horizontal(int64_t count, const uint8_t* image, int64_t sn, int64_t sy, int64_t sx,
+                  int64_t sc, uint8_t* temp, const Geometry& g, const Weights& h) const {
+    for (int64_t i = 0; i < count; ++i)
+      horizontal_element(i, image, sn, sy, sx, sc, temp, g, h);
+  }
+
+  template <typename T>
+  void vertical(int64_t count, const uint8_t* temp, const T* table, T* out, int64_t on,
+                int64_t oc, int64_t oy, int64_t ox, const Geometry& g, const Weights& v) const {
+    for (int64_t i = 0; i < count; ++i)
+      vertical_element<T>(i, temp, table, out, on, oc, oy, ox, g, v);
+  }
+};
+
 struct Isa {
   const char* name;
-  Runner run;
+  Runner run;  // null for "cuda-on-cpu", which runs whole batches (HostKernels)
   bool (*supported)();
 };
 
@@ -508,6 +532,8 @@ const Isa kIsas[] = {
     {"avx2", run_avx2, [] { return static_cast<bool>(__builtin_cpu_supports("avx2")); }},
 #endif
     {"portable", run_portable, [] { return true; }},
+    // Last, so never the best: the CUDA kernels' code, for tests.
+    {"cuda-on-cpu", nullptr, [] { return true; }},
 };
 
 int best_isa() {
@@ -543,13 +569,18 @@ void resize_crop_normalize_cpu(const at::Tensor& image, at::IntArrayRef resized,
                                const at::Tensor& out, bool vertical_first) {
   check_inputs(image, resized, offset, table, out);
   Oriented o = orient(image, resized, offset, out, vertical_first);
+  const Runner run = kIsas[g_isa.load()].run;
+  if (run == nullptr) {
+    HostKernels kernels;
+    run_kernels(o, table, kernels);
+    return;
+  }
   const at::Tensor& images = o.images;
   const at::Tensor& outs = o.outs;
   const at::Tensor lut = table.contiguous();
   const Plan plan = make_plan(images.size(1), images.size(2), images.size(3), o.resized[0],
                               o.resized[1], o.offset[0], o.offset[1], outs.size(2),
                               outs.size(3));
-  const Runner run = kIsas[g_isa.load()].run;
   const int64_t element_size = out.element_size();
   const int64_t so[3] = {outs.stride(1), outs.stride(2), outs.stride(3)};
   const auto* base = images.data_ptr<uint8_t>();

@@ -94,17 +94,24 @@ def test_identical_on_decoded_files(form):
                          f"{form} {mode} {image.size}")
 
 
-def test_every_compiled_instruction_set():
-    """The AVX-512, AVX2 and portable builds of the CPU kernels give the same bytes (each one
-    the CPU runs; the portable one always)."""
+def available_sets(*names):
+    """The instruction sets of ``names`` that this CPU runs."""
     sets = []
-    for isa in ("avx512", "avx2", "portable"):
+    for isa in names:
         try:
             sets.append(torch.ops.fastclip.preprocess_isa(isa))
         except RuntimeError:
             continue
     torch.ops.fastclip.preprocess_isa("best")
-    assert "portable" in sets
+    return sets
+
+
+def test_every_compiled_instruction_set():
+    """The AVX-512, AVX2 and portable builds of the CPU kernels, and the CUDA kernels' code run
+    on the CPU, give OpenAI's bytes (each build the CPU runs; the portable one and the CUDA
+    code always)."""
+    sets = available_sets("avx512", "avx2", "portable", "cuda-on-cpu")
+    assert "portable" in sets and "cuda-on-cpu" in sets
     rng = random.Random(5)
     images = [generated(rng, i) for i in range(100)]
     expected = [openai_transform(224)(image) for image in images]
@@ -119,18 +126,12 @@ def test_every_compiled_instruction_set():
 
 
 def test_instruction_sets_agree_on_noise_at_every_scale():
-    """The vectorised filters against the portable loops on noise (every sum clipped, both
-    ways), for each channel count, down- and upscaled by factors of 1/40 to 20 (filters of
-    3 to over 200 taps), both pass orders, crops and padding, into fp32 and fp16."""
-    sets = []
-    for isa in ("avx512", "avx2"):
-        try:
-            sets.append(torch.ops.fastclip.preprocess_isa(isa))
-        except RuntimeError:
-            continue
-    torch.ops.fastclip.preprocess_isa("best")
-    if not sets:
-        pytest.skip("this CPU runs only the portable kernels")
+    """The vectorised filters and the CUDA kernels' code against the portable loops on noise
+    (every sum clipped, both ways), for each channel count, down- and upscaled by factors of
+    1/40 to 20 (filters of 3 to over 200 taps), both pass orders, crops and padding, into
+    fp32 and fp16."""
+    sets = available_sets("avx512", "avx2", "cuda-on-cpu")
+    assert "cuda-on-cpu" in sets
     rng = random.Random(11)
     cases = []
     for _ in range(60):
@@ -163,6 +164,74 @@ def test_instruction_sets_agree_on_noise_at_every_scale():
                 image, resized, offset, dtype, size, vertical = case
                 assert_identical(reference, run(case),
                                  f"{isa}: {tuple(image.shape)} to {resized} at {offset}, "
+                                 f"crop {size}, {dtype}, vertical first {vertical}")
+    finally:
+        torch.ops.fastclip.preprocess_isa("best")
+
+
+def strided_batch(images, layout):
+    """``images`` ((N, H, W, C) uint8) as a batch of other strides, the same values: every
+    other image of a larger batch inside a margin, or planes (N, C, H, W) permuted."""
+    count, height, width, channels = images.shape
+    if layout == "planes":
+        return images.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    larger = torch.zeros(2 * count, height + 3, width + 5, channels, dtype=torch.uint8)
+    larger[::2, 1:1 + height, 2:2 + width] = images
+    return larger[::2, 1:1 + height, 2:2 + width]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "margins", "planes"])
+def test_batches_of_any_strides_in_every_variant(layout):
+    """A batch of one size in one call, image and out of any strides (a channels-last out, or
+    every other row of a larger one), gives each image's tensor alone, contiguous, through the
+    portable loops: in every build the CPU runs and in the CUDA kernels' code, which runs a
+    batch as one launch of each pass over all its images."""
+    sets = available_sets("avx512", "avx2", "portable", "cuda-on-cpu")
+    rng = random.Random({"contiguous": 21, "margins": 22, "planes": 23}[layout])
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    cases = []
+    for index in range(24):
+        count, channels = rng.randint(1, 4), rng.choice((1, 2, 3, 4))
+        height, width = rng.randint(1, 300), rng.randint(1, 300)
+        size = rng.choice((1, 7, 33, 64))
+        resized = (max(1, int(height * rng.uniform(0.05, 3))),
+                   max(1, int(width * rng.uniform(0.05, 3))))
+        offset = (rng.randint(-4, max(resized[0] - size, 0) + 4),
+                  rng.randint(-4, max(resized[1] - size, 0) + 4))
+        images = torch.randint(0, 256, (count, height, width, channels), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(index))
+        cases.append((images, resized, offset, size, dtypes[index % 4], index % 3 == 0))
+
+    def out_like(count, size, dtype):
+        if layout == "contiguous":
+            return torch.full((count, 3, size, size), float("nan"), dtype=dtype)
+        if layout == "planes":  # channels last
+            return torch.full((count, size, size, 3), float("nan"),
+                              dtype=dtype).permute(0, 3, 1, 2)
+        return torch.full((count, 3, 2 * size, size), float("nan"), dtype=dtype)[:, :, ::2]
+
+    def call(images, resized, offset, table, out, vertical):
+        torch.ops.fastclip.resize_crop_normalize(images, list(resized), list(offset), table,
+                                                 out, vertical)
+        return out
+
+    try:
+        torch.ops.fastclip.preprocess_isa("portable")
+        expected = []
+        for images, resized, offset, size, dtype, vertical in cases:
+            table = transform.normalization_table(dtype=dtype)
+            expected.append(torch.stack([
+                call(image, resized, offset, table, torch.empty(3, size, size, dtype=dtype),
+                     vertical) for image in images]))
+        for isa in sets:
+            torch.ops.fastclip.preprocess_isa(isa)
+            for case, reference in zip(cases, expected):
+                images, resized, offset, size, dtype, vertical = case
+                out = out_like(len(images), size, dtype)
+                call(strided_batch(images, layout), resized, offset,
+                     transform.normalization_table(dtype=dtype), out, vertical)
+                assert_identical(reference, out,
+                                 f"{isa}: {tuple(images.shape)} to {resized} at {offset}, "
                                  f"crop {size}, {dtype}, vertical first {vertical}")
     finally:
         torch.ops.fastclip.preprocess_isa("best")
@@ -348,10 +417,9 @@ def test_preprocess_into_checks_out():
         Preprocess(224).into(photo_like("RGB", (20, 20), 0), torch.empty(3, 10, 10))
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not fused.available("cuda") or not torch.cuda.is_available(),
-                    reason="needs a GPU and fastclip._C's CUDA kernels")
-def test_cuda_kernel_equals_cpu_op():
+def compare_cuda_kernels_with_cpu_op(run_kernels, what):
+    """``run_kernels(pixels, resized, table, out, vertical)`` (the CUDA kernels, on a GPU or
+    their code on the CPU) against the CPU op on 300 generated images, fp32 and bf16."""
     rng = random.Random(9)
     for index in range(300):
         image = generated(rng, index)
@@ -366,10 +434,62 @@ def test_cuda_kernel_equals_cpu_op():
             table = transform.normalization_table(dtype=dtype)
             cpu = torch.empty(3, n_px, n_px, dtype=dtype)
             fused.resize_crop_normalize(pixels, (new_height, new_width), table, cpu, vertical)
-            gpu = torch.empty(3, n_px, n_px, dtype=dtype, device="cuda")
-            fused.resize_crop_normalize(pixels.cuda(), (new_height, new_width), table.cuda(),
-                                        gpu, vertical)
-            assert_identical(cpu, gpu.cpu(), f"cuda {image.mode} {image.size} {dtype}")
+            got = run_kernels(pixels, (new_height, new_width), table,
+                              torch.empty(3, n_px, n_px, dtype=dtype), vertical)
+            assert_identical(cpu, got, f"{what} {image.mode} {image.size} {dtype}")
+
+
+def test_cuda_kernels_code_on_cpu_equals_cpu_op():
+    """The CUDA kernels' element code and the host code around it (csrc/resize_kernels.h),
+    run on the CPU: what a GPU runs, without one."""
+    def on_cpu(pixels, resized, table, out, vertical):
+        torch.ops.fastclip.preprocess_isa("cuda-on-cpu")
+        try:
+            return fused.resize_crop_normalize(pixels, resized, table, out, vertical)
+        finally:
+            torch.ops.fastclip.preprocess_isa("best")
+
+    compare_cuda_kernels_with_cpu_op(on_cpu, "cuda-on-cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not fused.available("cuda") or not torch.cuda.is_available(),
+                    reason="needs a GPU and fastclip._C's CUDA kernels")
+def test_cuda_kernel_equals_cpu_op():
+    def on_gpu(pixels, resized, table, out, vertical):
+        gpu = out.cuda()
+        fused.resize_crop_normalize(pixels.cuda(), resized, table.cuda(), gpu, vertical)
+        return gpu.cpu()
+
+    compare_cuda_kernels_with_cpu_op(on_gpu, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not fused.available("cuda") or not torch.cuda.is_available(),
+                    reason="needs a GPU and fastclip._C's CUDA kernels")
+@pytest.mark.parametrize("layout", ["contiguous", "margins", "planes"])
+def test_cuda_batches_of_any_strides_equal_cpu_op(layout):
+    """Batches in one call on the GPU, image and out of any strides, against the CPU op."""
+    rng = random.Random(31)
+    for index in range(12):
+        count, channels = rng.randint(1, 4), rng.choice((1, 2, 3, 4))
+        height, width, size = rng.randint(1, 300), rng.randint(1, 300), rng.choice((7, 64))
+        resized = (max(1, int(height * rng.uniform(0.05, 3))),
+                   max(1, int(width * rng.uniform(0.05, 3))))
+        offset = (rng.randint(-4, max(resized[0] - size, 0) + 4),
+                  rng.randint(-4, max(resized[1] - size, 0) + 4))
+        images = torch.randint(0, 256, (count, height, width, channels), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(index))
+        table = transform.normalization_table(dtype=torch.float16)
+        cpu = torch.empty(count, 3, size, size, dtype=torch.float16)
+        torch.ops.fastclip.resize_crop_normalize(images, list(resized), list(offset), table,
+                                                 cpu, index % 2 == 0)
+        gpu = torch.full((count, size, size, 3), float("nan"), dtype=torch.float16,
+                         device="cuda").permute(0, 3, 1, 2)
+        torch.ops.fastclip.resize_crop_normalize(strided_batch(images, layout).cuda(),
+                                                 list(resized), list(offset), table.cuda(),
+                                                 gpu, index % 2 == 0)
+        assert_identical(cpu, gpu.cpu(), f"cuda batch {tuple(images.shape)} to {resized}")
 
 
 def test_embed_batches_are_filled_in_place(tmp_path):
