@@ -118,21 +118,23 @@ def device_images(jpegs, preprocess, device, max_pixels):
     decoded = decode_on_device(jpegs, device)
     n_px = preprocess.n_px
     exact = preprocess.path == "compiled op" and fused_agrees_on(str(device))
-    images, kept, failures = [], [], []
+    # Each image is written into its row of the batch (the op's kernel writes it there).
+    batch = torch.empty(len(jpegs), 3, n_px, n_px, device=device)
+    kept, failures = [], []
     for i, data in enumerate(jpegs):
+        row = batch[len(kept)]
         if i in decoded:
             if exact:
-                images.append(fused_resize_crop(decoded[i], preprocess, torch.empty(
-                    3, n_px, n_px, device=device)))
+                fused_resize_crop(decoded[i], preprocess, row)
             else:
-                images.append(normalize(resize_crop(decoded[i], n_px), preprocess.mean,
-                                        preprocess.std))
+                row.copy_(normalize(resize_crop(decoded[i], n_px), preprocess.mean,
+                                    preprocess.std))
         else:
             try:
                 image = decode_image(data.numpy().tobytes(), max_pixels)
             except InputError as error:
                 failures.append((i, str(error)))
                 continue
-            images.append(preprocess(image).to(device))
+            row.copy_(preprocess(image))
         kept.append(i)
-    return (torch.stack(images) if images else None), kept, failures
+    return (batch[:len(kept)] if kept else None), kept, failures
