@@ -554,7 +554,10 @@ std::string preprocess_isa(std::optional<std::string> use) {
     for (int i = 0; i < count && chosen < 0; ++i)
       if (*use == kIsas[i].name) chosen = i;
     std::string known = "best";
-    for (int i = 0; i < count; ++i) known += std::string(", ") + kIsas[i].name;
+    for (int i = 0; i < count; ++i)
+      known += std::string(", ") + kIsas[i].name +
+               (kIsas[i].run == nullptr ? " (the CUDA kernels' code, single-threaded, for tests)"
+                                        : "");
     TORCH_CHECK(chosen >= 0, "fastclip::preprocess_isa: unknown instruction set '", *use,
                 "'; this build has ", known, ".");
     TORCH_CHECK(kIsas[chosen].supported(), "fastclip::preprocess_isa: this CPU does not "

@@ -170,14 +170,31 @@ def test_instruction_sets_agree_on_noise_at_every_scale():
 
 
 def strided_batch(images, layout):
-    """``images`` ((N, H, W, C) uint8) as a batch of other strides, the same values: every
-    other image of a larger batch inside a margin, or planes (N, C, H, W) permuted."""
+    """``images`` ((N, H, W, C) uint8) as a batch of other strides on its device, the same
+    values: as it is, every other image of a larger batch inside a margin, or planes
+    (N, C, H, W) permuted."""
     count, height, width, channels = images.shape
+    if layout == "contiguous":
+        return images.contiguous()
     if layout == "planes":
         return images.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
-    larger = torch.zeros(2 * count, height + 3, width + 5, channels, dtype=torch.uint8)
+    larger = torch.zeros(2 * count, height + 3, width + 5, channels, dtype=torch.uint8,
+                         device=images.device)
     larger[::2, 1:1 + height, 2:2 + width] = images
     return larger[::2, 1:1 + height, 2:2 + width]
+
+
+def strided_out(count, size, dtype, layout, device="cpu"):
+    """An out (N, 3, size, size) of NaNs (which no written value equals) laid out as
+    ``layout`` says: contiguous, channels last ("planes"), or every other row of a larger
+    one ("margins")."""
+    if layout == "contiguous":
+        return torch.full((count, 3, size, size), float("nan"), dtype=dtype, device=device)
+    if layout == "planes":
+        return torch.full((count, size, size, 3), float("nan"), dtype=dtype,
+                          device=device).permute(0, 3, 1, 2)
+    return torch.full((count, 3, 2 * size, size), float("nan"), dtype=dtype,
+                      device=device)[:, :, ::2]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "margins", "planes"])
@@ -185,7 +202,7 @@ def test_batches_of_any_strides_in_every_variant(layout):
     """A batch of one size in one call, image and out of any strides (a channels-last out, or
     every other row of a larger one), gives each image's tensor alone, contiguous, through the
     portable loops: in every build the CPU runs and in the CUDA kernels' code, which runs a
-    batch as one launch of each pass over all its images."""
+    batch as one launch of each pass over all its images. The first batch is empty."""
     sets = available_sets("avx512", "avx2", "portable", "cuda-on-cpu")
     rng = random.Random({"contiguous": 21, "margins": 22, "planes": 23}[layout])
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -198,17 +215,9 @@ def test_batches_of_any_strides_in_every_variant(layout):
                    max(1, int(width * rng.uniform(0.05, 3))))
         offset = (rng.randint(-4, max(resized[0] - size, 0) + 4),
                   rng.randint(-4, max(resized[1] - size, 0) + 4))
-        images = torch.randint(0, 256, (count, height, width, channels), dtype=torch.uint8,
-                               generator=torch.Generator().manual_seed(index))
+        images = torch.randint(0, 256, (count if index else 0, height, width, channels),
+                               dtype=torch.uint8, generator=torch.Generator().manual_seed(index))
         cases.append((images, resized, offset, size, dtypes[index % 4], index % 3 == 0))
-
-    def out_like(count, size, dtype):
-        if layout == "contiguous":
-            return torch.full((count, 3, size, size), float("nan"), dtype=dtype)
-        if layout == "planes":  # channels last
-            return torch.full((count, size, size, 3), float("nan"),
-                              dtype=dtype).permute(0, 3, 1, 2)
-        return torch.full((count, 3, 2 * size, size), float("nan"), dtype=dtype)[:, :, ::2]
 
     def call(images, resized, offset, table, out, vertical):
         torch.ops.fastclip.resize_crop_normalize(images, list(resized), list(offset), table,
@@ -222,12 +231,13 @@ def test_batches_of_any_strides_in_every_variant(layout):
             table = transform.normalization_table(dtype=dtype)
             expected.append(torch.stack([
                 call(image, resized, offset, table, torch.empty(3, size, size, dtype=dtype),
-                     vertical) for image in images]))
+                     vertical) for image in images]) if len(images) else
+                torch.empty(0, 3, size, size, dtype=dtype))
         for isa in sets:
             torch.ops.fastclip.preprocess_isa(isa)
             for case, reference in zip(cases, expected):
                 images, resized, offset, size, dtype, vertical = case
-                out = out_like(len(images), size, dtype)
+                out = strided_out(len(images), size, dtype, layout)
                 call(strided_batch(images, layout), resized, offset,
                      transform.normalization_table(dtype=dtype), out, vertical)
                 assert_identical(reference, out,
@@ -435,7 +445,7 @@ def compare_cuda_kernels_with_cpu_op(run_kernels, what):
             cpu = torch.empty(3, n_px, n_px, dtype=dtype)
             fused.resize_crop_normalize(pixels, (new_height, new_width), table, cpu, vertical)
             got = run_kernels(pixels, (new_height, new_width), table,
-                              torch.empty(3, n_px, n_px, dtype=dtype), vertical)
+                              torch.full((3, n_px, n_px), float("nan"), dtype=dtype), vertical)
             assert_identical(cpu, got, f"{what} {image.mode} {image.size} {dtype}")
 
 
@@ -472,7 +482,7 @@ def test_cuda_batches_of_any_strides_equal_cpu_op(layout):
     """Batches in one call on the GPU, image and out of any strides, against the CPU op."""
     rng = random.Random(31)
     for index in range(12):
-        count, channels = rng.randint(1, 4), rng.choice((1, 2, 3, 4))
+        count, channels = rng.randint(0 if index == 0 else 1, 4), rng.choice((1, 2, 3, 4))
         height, width, size = rng.randint(1, 300), rng.randint(1, 300), rng.choice((7, 64))
         resized = (max(1, int(height * rng.uniform(0.05, 3))),
                    max(1, int(width * rng.uniform(0.05, 3))))
@@ -484,9 +494,8 @@ def test_cuda_batches_of_any_strides_equal_cpu_op(layout):
         cpu = torch.empty(count, 3, size, size, dtype=torch.float16)
         torch.ops.fastclip.resize_crop_normalize(images, list(resized), list(offset), table,
                                                  cpu, index % 2 == 0)
-        gpu = torch.full((count, size, size, 3), float("nan"), dtype=torch.float16,
-                         device="cuda").permute(0, 3, 1, 2)
-        torch.ops.fastclip.resize_crop_normalize(strided_batch(images, layout).cuda(),
+        gpu = strided_out(count, size, torch.float16, layout, "cuda")
+        torch.ops.fastclip.resize_crop_normalize(strided_batch(images.cuda(), layout),
                                                  list(resized), list(offset), table.cuda(),
                                                  gpu, index % 2 == 0)
         assert_identical(cpu, gpu.cpu(), f"cuda batch {tuple(images.shape)} to {resized}")
