@@ -75,8 +75,7 @@ enum class Level { kPortable, kAvx2, kAvx512 };
 // Not forced inline: its callers are compiled for no instruction set of their own.
 template <int V>
 FASTCLIP_TARGET("avx2")
-void filter_avx2(const uint8_t* s, int64_t step, const int32_t* w, int taps,
-                                 uint8_t* out) {
+void filter_avx2(const uint8_t* s, int64_t step, const int32_t* w, int taps, uint8_t* out) {
   static_assert(V % 2 == 0, "lanes come in pairs of vectors");
   __m256i acc[V];
   for (int v = 0; v < V; ++v) acc[v] = _mm256_set1_epi32(kHalf);
